@@ -1,0 +1,1 @@
+"""Hydra configs, installed as the package ``hybrid.conf`` so ``hybrid-train`` finds them anywhere."""

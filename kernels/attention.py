@@ -1,0 +1,72 @@
+"""Softmax attention backends that compute one function: causal (optionally windowed,
+optionally document-masked) attention with grouped-query heads.
+
+The allowed set for query i (absolute position ``q_pos[i]``) and key j (``k_pos[j]``) is
+
+    k_pos[j] <= q_pos[i]  and  q_pos[i] - k_pos[j] < window  and  doc[i] == doc[j]
+
+``attention_naive`` is the oracle. ``attention_sdpa`` runs anywhere; ``attention_flash`` needs
+flash-attn on CUDA and handles the common no-document case. Note flash-attn's window is inclusive
+on both ends, so a window of W keys is ``window_size=(W - 1, 0)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional fast path
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    _flash_attn_func = None
+
+
+def flash_available(t: torch.Tensor) -> bool:
+    return _flash_attn_func is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
+
+
+def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
+                 q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, Tq, Tk): True where query i may attend to key j."""
+    diff = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    mask = diff >= 0
+    if window is not None:
+        mask = mask & (diff < window)
+    mask = mask[None, None]  # (1, 1, Tq, Tk)
+    if q_doc is not None:
+        mask = mask & (q_doc[:, None, :, None] == k_doc[:, None, None, :])  # (B, 1, Tq, Tk)
+    return mask
+
+
+def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """Reference: q (B, H, Tq, D), k/v (B, Hkv, Tk, D), mask broadcastable to (B, H, Tq, Tk)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, Tk, D)
+    v = v.repeat_interleave(groups, dim=1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32, float64 stays float64
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key outputs zeros
+    return (probs @ v.to(acc)).to(q.dtype)
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   is_causal: bool = False) -> torch.Tensor:
+    """PyTorch SDPA; ``mask=None, is_causal=True`` lets it pick its fused causal kernels."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+
+
+def attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """flash-attn with bottom-right causal alignment (keys may extend before the queries)."""
+    window_size = (-1, -1) if window is None else (window - 1, 0)
+    out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                           window_size=window_size)
+    return out.transpose(1, 2)

@@ -1,0 +1,7 @@
+"""Mamba-3 kernels: the recurrent oracle (``naive``) and the chunked PyTorch form (``chunk``)."""
+
+from hybrid.kernels.mamba3.chunk import mamba3_chunk
+from hybrid.kernels.mamba3.common import Mamba3State, rotate, zero_state
+from hybrid.kernels.mamba3.naive import mamba3_recurrent, mamba3_step
+
+__all__ = ["Mamba3State", "mamba3_chunk", "mamba3_recurrent", "mamba3_step", "rotate", "zero_state"]

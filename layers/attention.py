@@ -1,0 +1,149 @@
+"""Causal softmax attention: grouped-query heads, RoPE or no positions, optional sliding window.
+
+Backends (``backend``): ``auto`` picks flash-attn on CUDA when it is importable and applicable,
+else PyTorch SDPA; ``naive`` is the explicit-softmax oracle. All compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from hybrid.kernels.attention import (
+    allowed_mask,
+    attention_flash,
+    attention_naive,
+    attention_sdpa,
+    flash_available,
+)
+from hybrid.layers.base import Mixer, check_seq_idx
+from hybrid.registry import ConfigError, Footprint, register_mixer
+
+
+@dataclass
+class AttentionConfig:
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None = num_heads (multi-head); 1 = multi-query
+    head_dim: int | None = None  # None = d_model // num_heads
+    window: int | None = None  # sliding window: each query sees itself and the window - 1 previous tokens
+    position: Literal["rope", "none"] = "rope"
+    rope_theta: float = 10000.0
+    qkv_bias: bool = False
+    backend: Literal["auto", "sdpa", "flash", "naive"] = "auto"
+
+    def __post_init__(self):
+        if self.num_heads < 1:
+            raise ConfigError(f"attention num_heads must be >= 1, got {self.num_heads}")
+        kv = self.kv_heads
+        if kv < 1 or self.num_heads % kv:
+            raise ConfigError(f"attention num_kv_heads ({kv}) must divide num_heads ({self.num_heads})")
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"attention window must be >= 1 (or null for full attention), got {self.window}")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ConfigError(f"attention head_dim must be even and >= 2, got {self.head_dim}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    def resolved_head_dim(self, d_model: int) -> int:
+        return self.head_dim if self.head_dim is not None else d_model // self.num_heads
+
+
+@dataclass
+class AttentionCache:
+    k: torch.Tensor  # (B, Hkv, max_seqlen, D), keys already rotated
+    v: torch.Tensor  # (B, Hkv, max_seqlen, D)
+    pos: int = 0  # tokens consumed so far
+
+
+@register_mixer("attention", AttentionConfig, is_attention=True)
+class Attention(Mixer):
+    """Causal multi-head attention with GQA, RoPE and an optional sliding window."""
+
+    def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int = 0):
+        super().__init__(d_model, cfg, layer_idx)
+        self.validate(d_model, cfg)
+        self.n_heads, self.n_kv = cfg.num_heads, cfg.kv_heads
+        self.head_dim = cfg.resolved_head_dim(d_model)
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.kv_proj = nn.Linear(d_model, 2 * self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.o_proj._is_residual_out = True
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def validate(cls, d_model: int, cfg: AttentionConfig) -> None:
+        if cfg.head_dim is None and d_model % cfg.num_heads:
+            raise ConfigError(f"d_model ({d_model}) is not divisible by attention num_heads ({cfg.num_heads}); "
+                              f"choose num_heads from the divisors of {d_model} or set head_dim")
+        if cfg.resolved_head_dim(d_model) % 2:
+            raise ConfigError(f"attention head_dim ({cfg.resolved_head_dim(d_model)}) must be even for RoPE")
+
+    @classmethod
+    def footprint(cls, d_model: int, cfg: AttentionConfig, dtype_bytes: int = 2) -> Footprint:
+        per_token = 2 * cfg.kv_heads * cfg.resolved_head_dim(d_model) * dtype_bytes  # K and V
+        return Footprint(kv_bytes_per_token=per_token, kv_max_tokens=cfg.window)
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> AttentionCache:
+        device = device or self.o_proj.weight.device
+        dtype = dtype or self.o_proj.weight.dtype
+        shape = (batch_size, self.n_kv, max_seqlen, self.head_dim)
+        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Rotate half-split channel pairs (i, i + D/2) by pos * inv_freq[i]; t is (B, H, T, D)."""
+        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        t1, t2 = t.float().chunk(2, dim=-1)
+        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).to(t.dtype)
+
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        check_seq_idx(seq_idx, x, cache)
+        B, T, _ = x.shape
+        window = self.cfg.window
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, T, D) each
+        offset = cache.pos if cache is not None else 0
+        q_pos = torch.arange(offset, offset + T, device=x.device)
+        if self.cfg.position == "rope":
+            q, k = self._rope(q, q_pos), self._rope(k, q_pos)
+
+        if cache is not None:
+            if offset + T > cache.k.shape[2]:
+                raise ValueError(f"attention cache holds {cache.k.shape[2]} tokens; cannot append {T} at position {offset}")
+            cache.k[:, :, offset:offset + T] = k
+            cache.v[:, :, offset:offset + T] = v
+            cache.pos = offset + T
+            # Keys before the first query's window can never be attended to: skip them.
+            start = 0 if window is None else max(0, offset - window + 1)
+            k, v = cache.k[:, :, start:offset + T], cache.v[:, :, start:offset + T]
+            k_pos = torch.arange(start, offset + T, device=x.device)
+        else:
+            k_pos = q_pos
+
+        y = self._attend(q, k, v, q_pos, k_pos, seq_idx)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q, k, v, q_pos, k_pos, seq_idx):
+        window, backend = self.cfg.window, self.cfg.backend
+        if backend == "flash" and not flash_available(q):
+            raise RuntimeError("attention backend 'flash' needs flash-attn, a CUDA device and fp16/bf16 activations")
+        if backend in ("auto", "flash") and seq_idx is None and flash_available(q):
+            return attention_flash(q, k, v, window)
+        mask = allowed_mask(q_pos, k_pos, window, seq_idx, seq_idx)
+        if backend == "naive":
+            return attention_naive(q, k, v, mask)
+        # Plain causal self-attention lets SDPA choose its fused causal kernel instead of a dense mask.
+        plain_causal = seq_idx is None and window is None and q.shape[2] == k.shape[2]
+        single_query_full = q.shape[2] == 1 and (window is None or k.shape[2] <= window) and seq_idx is None
+        if plain_causal:
+            return attention_sdpa(q, k, v, None, is_causal=True)
+        if single_query_full:
+            return attention_sdpa(q, k, v, None)
+        return attention_sdpa(q, k, v, mask)

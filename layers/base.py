@@ -1,0 +1,59 @@
+"""The contract every mixer implements, so any stack of them can train, prefill and decode.
+
+A mixer maps ``(B, T, d_model) -> (B, T, d_model)``. Inference goes through one method:
+``forward(x, cache=cache)`` consumes the T tokens as a continuation of whatever ``cache`` holds and
+updates ``cache`` in place. A prompt is one call with T = prompt length (prefill); decoding is a
+call per token with T = 1. ``cache=None`` is the ordinary training forward from an empty state.
+
+Packed batches pass ``seq_idx`` (B, T), a non-decreasing document id per token: no information may
+flow between tokens with different ids (document masking).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid.registry import Footprint
+
+
+class Mixer(nn.Module):
+    """Base class of registered sequence mixers (attention, SSMs, routers)."""
+
+    def __init__(self, d_model: int, cfg: Any, layer_idx: int = 0):
+        super().__init__()
+        self.d_model = d_model
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        # Mixers with auxiliary objectives (routers) set this during forward; the model adds it
+        # to the loss. Metrics for logging go in ``self.stats``.
+        self.aux_loss: torch.Tensor | None = None
+        self.stats: dict[str, float] = {}
+
+    def forward(self, x: torch.Tensor, cache: Any = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError  # abstract: every registered mixer overrides it
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> Any:
+        """An empty decode cache for ``batch_size`` sequences of up to ``max_seqlen`` tokens."""
+        raise NotImplementedError  # abstract: every registered mixer overrides it
+
+    @classmethod
+    def footprint(cls, d_model: int, cfg: Any, dtype_bytes: int = 2) -> Footprint:
+        """Bytes of decode cache per sequence (constant part and per-token KV part)."""
+        raise NotImplementedError  # abstract: every registered mixer overrides it
+
+    @classmethod
+    def validate(cls, d_model: int, cfg: Any) -> None:
+        """Raise ``ConfigError`` when ``cfg`` cannot work at this ``d_model`` (checked before training)."""
+
+
+def check_seq_idx(seq_idx: torch.Tensor | None, x: torch.Tensor, cache: Any) -> None:
+    if seq_idx is None:
+        return
+    if cache is not None:
+        raise ValueError("seq_idx (packed documents) is for training forwards; decode caches hold one sequence per row")
+    if seq_idx.shape != x.shape[:2]:
+        raise ValueError(f"seq_idx must have shape {tuple(x.shape[:2])} (batch, seqlen), got {tuple(seq_idx.shape)}")

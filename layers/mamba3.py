@@ -1,0 +1,280 @@
+"""Mamba-3 mixer (SISO and MIMO): data-dependent rotation, exponential-trapezoidal discretisation, BCNorm.
+
+Per token, ``in_proj`` yields (in this order) z, x (H, P), B, C (R, G, N), u_dt, u_A, u_lam (H) and
+u_theta (S, shared by all heads). Then
+
+    dt = softplus(u_dt + dt_bias)       A = min(-phi(u_A), -A_floor)     lam = sigmoid(u_lam)
+    k = RMSNorm_N(B) w_B + b_B          q = RMSNorm_N(C) w_C + b_C       (biases per head and rank)
+    theta_t = theta_{t-1} + dt_t pi tanh(u_theta)                        (rotates q_t and k_t)
+    H_t = e^{A dt} H_{t-1} + (1 - lam) dt e^{A dt} x_{t-1} k_{t-1}^T + lam dt x_t k_t^T
+    y_t = H_t q_t + D x_t,     out = out_proj(y_t * silu(z_t))
+
+MIMO (``mimo_rank`` R > 1, or ``is_mimo=True``) gives every token R keys and queries and expands x and z
+per rank with learned (H, R, P) scales; the R gated outputs are contracted with a third such scale.
+SISO pairs state channels (2i, 2i+1) for the rotation, MIMO pairs (i, i + N/2) (as published; the two
+are a fixed channel permutation apart). There is no short convolution. Numbers, equations and inits
+follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid.kernels.mamba3 import Mamba3State, mamba3_chunk, mamba3_step
+from hybrid.layers.base import Mixer, check_seq_idx
+from hybrid.registry import ConfigError, Footprint, register_mixer
+
+_CHOICES = {
+    "rotation": ("data_dependent", "data_independent", "none"),
+    "trapezoid": ("learned", "half", "euler"),
+    "a_activation": ("heavy_tail", "softplus"),
+    "backend": ("auto", "torch"),
+}
+
+
+@dataclass
+class Mamba3Config:
+    d_state: int = 128  # N, state size per head
+    expand: float = 2.0  # d_inner = int(expand * d_model)
+    headdim: int = 64  # P
+    ngroups: int = 1  # G distinct B/C projections shared by H/G heads each
+    rope_fraction: float = 0.5  # rotated share of the state: S = N/4 angle pairs at 0.5, N/2 at 1.0
+    mimo_rank: int = 1  # R; MIMO is on when R > 1 (the published MIMO setting is R = 4)
+    is_mimo: bool | None = None  # None = (mimo_rank > 1); True with R = 1 gives MIMO's pairing and scales
+    dt_min: float = 1e-3
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_floor: float = 1e-4  # A <= -A_floor keeps every head forgetting
+    rotation: Literal["data_dependent", "data_independent", "none"] = "data_dependent"
+    rope_base: float = 10000.0  # frequencies of rotation="data_independent" (fixed RoPE, not scaled by dt)
+    trapezoid: Literal["learned", "half", "euler"] = "learned"  # lam = sigmoid(u), 1/2, or 1 (Mamba-2's rule)
+    bc_bias: bool = True
+    bc_bias_init: float = 1.0
+    bc_norm: bool = True
+    a_activation: Literal["heavy_tail", "softplus"] = "heavy_tail"  # softplus = the first public release
+    outproj_norm: bool = False  # per-head RMSNorm of y before the gate
+    norm_eps: float = 1e-5
+    chunk_size: int | None = None  # power of two; None = 64 // R rounded down to a power of two
+    backend: Literal["auto", "torch"] = "auto"  # "auto" = fastest available; only the PyTorch path exists now
+
+    def __post_init__(self):
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"mamba3 {name} must be one of {', '.join(map(repr, choices))}, got {getattr(self, name)!r}")
+        if self.rope_fraction not in (0.5, 1.0):
+            raise ConfigError(f"mamba3 rope_fraction must be 0.5 or 1.0, got {self.rope_fraction}")
+        if self.d_state < 1:
+            raise ConfigError(f"mamba3 d_state must be >= 1, got {self.d_state}")
+        if self.rotation != "none" and (self.d_state % 2 or self.num_angles < 1):
+            raise ConfigError(f"mamba3 d_state must be even and give at least one rotation pair "
+                              f"(d_state * rope_fraction >= 2), got d_state={self.d_state}, rope_fraction={self.rope_fraction}")
+        if self.mimo_rank < 1:
+            raise ConfigError(f"mamba3 mimo_rank must be >= 1, got {self.mimo_rank}")
+        if self.is_mimo is False and self.mimo_rank > 1:
+            raise ConfigError(f"mamba3 is_mimo=false contradicts mimo_rank={self.mimo_rank}; set mimo_rank=1 or is_mimo=true")
+        if self.chunk_size is not None and (self.chunk_size < 1 or self.chunk_size & (self.chunk_size - 1)):
+            raise ConfigError(f"mamba3 chunk_size must be a power of two (or null for 64 // mimo_rank), got {self.chunk_size}")
+        if self.expand <= 0 or self.headdim < 1 or self.ngroups < 1:
+            raise ConfigError(f"mamba3 expand, headdim and ngroups must be positive, got "
+                              f"{self.expand}, {self.headdim}, {self.ngroups}")
+        if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor < 0:
+            raise ConfigError(f"mamba3 needs 0 < dt_min <= dt_max and dt_init_floor >= 0, got "
+                              f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}")
+        if self.A_floor <= 0 or self.norm_eps <= 0:
+            raise ConfigError(f"mamba3 A_floor and norm_eps must be > 0, got {self.A_floor}, {self.norm_eps}")
+
+    @property
+    def mimo(self) -> bool:
+        return self.mimo_rank > 1 if self.is_mimo is None else self.is_mimo
+
+    @property
+    def num_angles(self) -> int:
+        """S, the number of rotated channel pairs (0 without rotation)."""
+        if self.rotation == "none":
+            return 0
+        return (int(self.d_state * self.rope_fraction) // 2 * 2) // 2
+
+    @property
+    def resolved_chunk_size(self) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return 1 << max(0, (64 // self.mimo_rank).bit_length() - 1)
+
+    def d_inner(self, d_model: int) -> int:
+        return int(self.expand * d_model)
+
+
+@dataclass
+class Mamba3Cache:
+    angle: torch.Tensor  # (B, H, S) float32 cumulative angle of the last token
+    ssm: torch.Tensor  # (B, H, P, N) float32 state
+    k: torch.Tensor  # (B, R, H, N) last token's biased, rotated key (model dtype)
+    v: torch.Tensor  # (B, H, P) last token's raw x (model dtype)
+
+    def state(self) -> Mamba3State:
+        return Mamba3State(self.angle, self.ssm, self.k, self.v)
+
+    def update(self, state: Mamba3State) -> None:
+        for dst, src in zip((self.angle, self.ssm, self.k, self.v), state):
+            dst.copy_(src)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, computed in at least float32, returned in x's dtype."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        xf = xf * weight.to(xf.dtype)
+    return xf.to(x.dtype)
+
+
+def heavy_tail(u: torch.Tensor) -> torch.Tensor:
+    """phi(u) = 1 + u for u >= 0, 1 / (1 - u) below: positive, C^1, and only polynomially small for u << 0."""
+    return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))
+
+
+@register_mixer("mamba3", Mamba3Config)
+class Mamba3(Mixer):
+    """Mamba-3 SSM (SISO / MIMO) with data-dependent rotation and trapezoidal discretisation."""
+
+    def __init__(self, d_model: int, cfg: Mamba3Config, layer_idx: int = 0):
+        super().__init__(d_model, cfg, layer_idx)
+        self.validate(d_model, cfg)
+        self.d_inner = d_in = cfg.d_inner(d_model)
+        self.P, self.N, self.G, self.R = cfg.headdim, cfg.d_state, cfg.ngroups, cfg.mimo_rank
+        self.H = H = d_in // cfg.headdim
+        self.S = cfg.num_angles
+        self.pairing = "half" if cfg.mimo else "interleaved"
+        # Split order z, x, B, C, dt, A, trapezoid, angles; ablations drop the slices they do not read.
+        bc = self.N * self.G * self.R
+        self.split = [d_in, d_in, bc, bc, H, H, H if cfg.trapezoid == "learned" else 0,
+                      self.S if cfg.rotation == "data_dependent" else 0]
+        self.in_proj = nn.Linear(d_model, sum(self.split), bias=False)
+        self.out_proj = nn.Linear(d_in, d_model, bias=False)
+        self.out_proj._is_residual_out = True
+
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.dt_bias._no_weight_decay = True
+        self.D._no_weight_decay = True
+        if cfg.bc_norm:  # one (N,) gain each for B and C, shared across ranks and groups
+            self.B_norm_weight = nn.Parameter(torch.empty(self.N))
+            self.C_norm_weight = nn.Parameter(torch.empty(self.N))
+        if cfg.bc_bias:
+            self.B_bias = nn.Parameter(torch.empty(H, self.R, self.N))
+            self.C_bias = nn.Parameter(torch.empty(H, self.R, self.N))
+        if cfg.mimo:
+            self.mimo_x = nn.Parameter(torch.empty(H, self.R, self.P))
+            self.mimo_z = nn.Parameter(torch.empty(H, self.R, self.P))
+            self.mimo_o = nn.Parameter(torch.empty(H, self.R, self.P))
+        if cfg.outproj_norm:
+            self.out_norm_weight = nn.Parameter(torch.empty(d_in))
+        if cfg.rotation == "data_independent":
+            freq = cfg.rope_base ** (-torch.arange(self.S, dtype=torch.float32) / self.S)  # (S,)
+            self.register_buffer("rope_freq", freq, persistent=False)
+        self.reset_parameters_special()
+
+    @classmethod
+    def validate(cls, d_model: int, cfg: Mamba3Config) -> None:
+        d_in = cfg.d_inner(d_model)
+        if d_in < 1 or d_in % cfg.headdim:
+            raise ConfigError(f"mamba3 headdim ({cfg.headdim}) must divide the inner width expand * d_model = "
+                              f"{cfg.expand} * {d_model} = {d_in}")
+        heads = d_in // cfg.headdim
+        if heads % cfg.ngroups:
+            raise ConfigError(f"mamba3 ngroups ({cfg.ngroups}) must divide the number of heads ({heads} = {d_in} / {cfg.headdim})")
+
+    @classmethod
+    def footprint(cls, d_model: int, cfg: Mamba3Config, dtype_bytes: int = 2) -> Footprint:
+        H, P, N = cfg.d_inner(d_model) // cfg.headdim, cfg.headdim, cfg.d_state
+        wide = max(4, dtype_bytes)  # angle and SSM state are float32 (or the model dtype if wider)
+        state = wide * H * cfg.num_angles + wide * H * P * N + dtype_bytes * cfg.mimo_rank * H * N + dtype_bytes * H * P
+        return Footprint(state_bytes=state)
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> Mamba3Cache:
+        device = device or self.out_proj.weight.device
+        dtype = dtype or self.out_proj.weight.dtype
+        wide = torch.promote_types(dtype, torch.float32)
+        return Mamba3Cache(torch.zeros(batch_size, self.H, self.S, device=device, dtype=wide),
+                           torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=wide),
+                           torch.zeros(batch_size, self.R, self.H, self.N, device=device, dtype=dtype),
+                           torch.zeros(batch_size, self.H, self.P, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_parameters_special(self) -> None:
+        cfg = self.cfg
+        # dt_bias = softplus^{-1}(dt0) with dt0 log-uniform in [dt_min, dt_max], so initial steps span time scales.
+        lo, hi = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt0 = torch.exp(torch.rand(self.H, device=self.dt_bias.device) * (hi - lo) + lo).clamp(min=cfg.dt_init_floor)
+        self.dt_bias.copy_(dt0 + torch.log(-torch.expm1(-dt0)))
+        self.D.fill_(1.0)
+        if cfg.bc_norm:
+            self.B_norm_weight.fill_(1.0)
+            self.C_norm_weight.fill_(1.0)
+        if cfg.bc_bias:
+            self.B_bias.fill_(cfg.bc_bias_init)
+            self.C_bias.fill_(cfg.bc_bias_init)
+        if cfg.mimo:  # at init the output is the mean of the R gated per-rank outputs
+            self.mimo_x.fill_(1.0 / self.R)
+            self.mimo_z.fill_(1.0)
+            self.mimo_o.fill_(1.0 / self.R)
+        if cfg.outproj_norm:
+            self.out_norm_weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, cache: Mamba3Cache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        check_seq_idx(seq_idx, x, cache)
+        cfg = self.cfg
+        Bsz, T, _ = x.shape
+        H, P, N, G, R = self.H, self.P, self.N, self.G, self.R
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        z, xs, Bm, Cm, u_dt, u_A, u_lam, u_th = self.in_proj(x).split(self.split, dim=-1)
+        z, xs = z.view(Bsz, T, H, P), xs.view(Bsz, T, H, P)
+        Bm, Cm = Bm.view(Bsz, T, R, G, N), Cm.view(Bsz, T, R, G, N)  # rank-major, then group, then state
+        if cfg.bc_norm:  # in the model dtype, as published
+            Bm = _rms_norm(Bm, self.B_norm_weight, cfg.norm_eps)
+            Cm = _rms_norm(Cm, self.C_norm_weight, cfg.norm_eps)
+
+        dt = F.softplus(u_dt.to(cdt) + self.dt_bias.to(cdt))  # (B, T, H)
+        u_A = u_A.to(cdt)
+        A = -(heavy_tail(u_A) if cfg.a_activation == "heavy_tail" else F.softplus(u_A))
+        log_decay = A.clamp(max=-cfg.A_floor) * dt  # (B, T, H)
+        if cfg.trapezoid == "learned":
+            lam = torch.sigmoid(u_lam.to(cdt))
+        else:
+            lam = torch.full_like(dt, 0.5 if cfg.trapezoid == "half" else 1.0)
+        dtheta = None  # (B, T, H, S) angle increments
+        if cfg.rotation == "data_dependent":
+            dtheta = dt[..., None] * (math.pi * torch.tanh(u_th.to(cdt)))[:, :, None, :]
+        elif cfg.rotation == "data_independent":
+            dtheta = self.rope_freq.to(cdt).expand(Bsz, T, H, self.S)
+
+        params = dict(q_bias=getattr(self, "C_bias", None), k_bias=getattr(self, "B_bias", None), D=self.D,
+                      v_rank=getattr(self, "mimo_x", None), pairing=self.pairing)
+        if cache is not None and T == 1:
+            y, state = mamba3_step(Cm[:, 0], Bm[:, 0], xs[:, 0], log_decay[:, 0], dt[:, 0], lam[:, 0], cache.state(),
+                                   None if dtheta is None else dtheta[:, 0], **params)
+            y = y.unsqueeze(1)  # (B, 1, R, H, P)
+        else:
+            y, state = mamba3_chunk(Cm, Bm, xs, log_decay, dt, lam, dtheta, **params,
+                                    initial_state=None if cache is None else cache.state(), seq_idx=seq_idx,
+                                    chunk_size=cfg.resolved_chunk_size)  # (B, T, R, H, P)
+        if cache is not None:
+            cache.update(state)
+        return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+
+    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P): [norm], silu gate, MIMO contraction."""
+        if self.cfg.outproj_norm:
+            y = _rms_norm(y, self.out_norm_weight.view(self.H, self.P), self.cfg.norm_eps)
+        z = z.to(y.dtype).unsqueeze(2)  # (B, T, 1, H, P)
+        if not self.cfg.mimo:
+            return (y * F.silu(z)).squeeze(2)
+        o = y * F.silu(z * self.mimo_z.transpose(0, 1).to(y.dtype))  # (B, T, R, H, P)
+        return (o * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(2)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call (for the lent GPU machine): GPU-marked tests, then the
+# benchmarks. Writes a JSON report per step under ${OUT:-gpu-report}/.
+#   bash scripts/gpu_suite.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu-report}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python -m pytest -q -m gpu --junitxml="$out/gpu-tests.xml" tests 2>&1 | tee "$out/gpu-tests.log"
+status=${PIPESTATUS[0]}
+for bench in benchmarks/*.py; do
+  [ -f "$bench" ] || continue
+  name=$(basename "$bench" .py)
+  python "$bench" --out "$out/$name.json" 2>&1 | tee "$out/$name.log"
+done
+exit "$status"

@@ -1,0 +1,98 @@
+"""Attention backends compute one function; the mixer's cache path equals its parallel path."""
+
+import pytest
+import torch
+
+from hybrid.kernels.attention import allowed_mask, attention_naive, attention_sdpa
+from hybrid.layers.attention import Attention, AttentionConfig
+from hybrid.registry import ConfigError
+
+
+def _qkv(B=2, H=4, Hkv=2, T=37, D=16, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 64])
+@pytest.mark.parametrize("docs", [False, True])
+def test_sdpa_matches_naive(window, docs):
+    q, k, v = _qkv()
+    pos = torch.arange(q.shape[2])
+    seq_idx = (torch.arange(q.shape[2]) // 10).expand(2, -1) if docs else None
+    mask = allowed_mask(pos, pos, window, seq_idx, seq_idx)
+    ref = attention_naive(q, k, v, mask)
+    out = attention_sdpa(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if window is None and not docs:
+        torch.testing.assert_close(attention_sdpa(q, k, v, None, is_causal=True), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_window_semantics():
+    """A window of W keys: query i sees keys i-W+1 .. i, itself included."""
+    pos = torch.arange(6)
+    m = allowed_mask(pos, pos, window=3)[0, 0]
+    assert m[5].tolist() == [False, False, False, True, True, True]
+    assert m[0].tolist() == [True, False, False, False, False, False]
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(num_heads=4), dict(num_heads=4, num_kv_heads=1), dict(num_heads=2, window=4), dict(num_heads=4, position="none"),
+])
+def test_backends_agree_in_layer(cfg):
+    torch.manual_seed(0)
+    x = torch.randn(2, 19, 32, dtype=torch.float64)
+    outs = []
+    for backend in ("naive", "sdpa", "auto"):
+        layer = Attention(32, AttentionConfig(**cfg, backend=backend)).double()
+        torch.manual_seed(1)
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        outs.append(layer(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_chunked_prefill_with_cache(window):
+    """Prefill in uneven pieces through the cache == one parallel pass."""
+    torch.manual_seed(0)
+    layer = Attention(32, AttentionConfig(num_heads=4, num_kv_heads=2, window=window)).double()
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = layer.allocate_cache(2, 16)
+    parts = [layer(x[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 13)]]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-10, atol=1e-10)
+    assert cache.pos == 13
+    with pytest.raises(ValueError, match="cache holds 16 tokens"):
+        layer(torch.randn(2, 4, 32, dtype=torch.float64), cache=cache)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="num_kv_heads \\(3\\) must divide num_heads \\(4\\)"):
+        AttentionConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ConfigError, match="d_model \\(30\\) is not divisible by attention num_heads \\(4\\)"):
+        Attention.validate(30, AttentionConfig(num_heads=4))
+    with pytest.raises(ConfigError, match="window must be >= 1"):
+        AttentionConfig(window=0)
+
+
+def test_footprint():
+    fp = Attention.footprint(64, AttentionConfig(num_heads=4, num_kv_heads=2), dtype_bytes=2)
+    assert fp.kv_bytes_per_token == 2 * 2 * 16 * 2 and fp.kv_max_tokens is None
+    assert Attention.footprint(64, AttentionConfig(window=8)).bytes_at(100) == 8 * fp.kv_bytes_per_token * 2
+
+
+@pytest.mark.gpu
+def test_flash_matches_sdpa_on_gpu():
+    from hybrid.kernels.attention import attention_flash, flash_available
+
+    q, k, v = (t.cuda().bfloat16() for t in _qkv(T=300, D=64, dtype=torch.float32))
+    if not flash_available(q):
+        pytest.skip("flash-attn not installed")
+    pos = torch.arange(300, device="cuda")
+    for window in (None, 17):
+        ref = attention_sdpa(q.float(), k.float(), v.float(), allowed_mask(pos, pos, window)).bfloat16()
+        torch.testing.assert_close(attention_flash(q, k, v, window), ref, rtol=2e-2, atol=2e-2)
