@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
-
 from hybrid.kernels.attention import (
     allowed_mask,
     attention_flash,
@@ -20,6 +18,8 @@ from hybrid.kernels.attention import (
     flash_available,
 )
 from hybrid.layers.base import Mixer, check_seq_idx
+from torch import nn
+
 from hybrid.registry import ConfigError, Footprint, register_mixer
 
 

@@ -17,10 +17,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from hybrid.kernels.mamba2 import causal_conv1d, ssd_chunk, ssd_step
 from hybrid.layers.base import Mixer, check_seq_idx
+from torch import nn
+
 from hybrid.registry import ConfigError, Footprint, register_mixer
 
 

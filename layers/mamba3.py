@@ -24,10 +24,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from hybrid.kernels.mamba3 import Mamba3State, mamba3_chunk, mamba3_step
 from hybrid.layers.base import Mixer, check_seq_idx
+from torch import nn
+
 from hybrid.registry import ConfigError, Footprint, register_mixer
 
 _CHOICES = {

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from hybrid.kernels.attention import allowed_mask, attention_naive, attention_sdpa
 from hybrid.layers.attention import Attention, AttentionConfig
+
 from hybrid.registry import ConfigError
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from hybrid.kernels.mamba2 import causal_conv1d, ssd_chunk, ssd_recurrent
 from hybrid.layers.mamba2 import Mamba2, Mamba2Config
+
 from hybrid.registry import MIXERS, ConfigError
 
 F64 = torch.float64

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from hybrid.layers.mamba3 import Mamba3, Mamba3Config
+
 from hybrid.registry import MIXERS, ConfigError
 
 F64 = torch.float64

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from hybrid.kernels.mamba2 import ssd_chunk, ssd_recurrent, ssd_step
 from hybrid.kernels.mamba3 import Mamba3State, mamba3_chunk, mamba3_recurrent, mamba3_step, rotate
 

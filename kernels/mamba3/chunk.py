@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from hybrid.kernels.mamba3.common import (
     TWO_PI,
     Mamba3State,

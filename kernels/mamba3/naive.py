@@ -13,7 +13,6 @@ with alpha = exp(a), beta = (1 - lam) dt alpha, gamma = lam dt. Shapes and conve
 from __future__ import annotations
 
 import torch
-
 from hybrid.kernels.mamba3.common import (
     TWO_PI,
     Mamba3State,
