@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.data.base import IGNORE, Task
+from hybrid.layers.route_metrics import routing_metrics
 from hybrid.model import HybridLM
 from hybrid.optim import OptimConfig, build_optimizer
 
@@ -35,6 +36,9 @@ class LitLM(L.LightningModule):
         if aux is not None:
             metrics["train/aux_loss"] = aux
         self.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False)
+        route = routing_metrics(self.model, batch["labels"])  # per-layer router stats (empty without routers)
+        if route:
+            self.log_dict({f"train/{k}": v for k, v in route.items()}, on_step=True, on_epoch=False)
         return total
 
     def validation_step(self, batch, batch_idx):
@@ -44,6 +48,9 @@ class LitLM(L.LightningModule):
         self.log("val/loss", loss, prog_bar=False, sync_dist=True, batch_size=max(n, 1))
         for k, v in metrics.items():
             self.log(f"val/{k}", v, prog_bar=True, sync_dist=True, batch_size=max(n, 1))
+        route = routing_metrics(self.model, batch["labels"])
+        if route:
+            self.log_dict({f"val/{k}": v for k, v in route.items()}, sync_dist=True, batch_size=batch["labels"].shape[0])
 
     def configure_optimizers(self):
         opt, sched = build_optimizer(self.model, self.optim_cfg, self.total_steps)

@@ -177,13 +177,16 @@ def _train(config: dict, run_dir: Path, record: RunRecord) -> dict[str, float]:
     summary = model.pattern.summary(mcfg.d_model, dtype_bytes=dtype_bytes)
     n_params = model.num_params()
     record.update(pattern=summary, n_params=n_params, run_name=config.get("run_name"))
+    data_info = task.describe()  # e.g. the corpus SHA-256: results compare only on the same data
+    if data_info:
+        record.update(data_info=data_info)
     log.info("model %s (%s, hash %s): %.3fM parameters", summary["canonical"], summary["family"],
              summary["pattern_hash"], n_params / 1e6)
 
     loggers = build_loggers(config.get("logger") or {}, run_dir, config.get("run_name") or run_dir.name, summary,
                             list(config.get("tags") or []))
     for lg in loggers:
-        lg.log_hyperparams({**config, "pattern": summary, "n_params": n_params})
+        lg.log_hyperparams({**config, "pattern": summary, "n_params": n_params, "data_info": data_info})
     wb = next((lg for lg in loggers if type(lg).__name__ == "WandbLogger"), None)
     if wb is not None:
         record.update(wandb={"id": wb.version, "dir": str(Path(wb.experiment.dir).parent)})

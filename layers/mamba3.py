@@ -19,6 +19,7 @@ follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,7 +35,7 @@ _CHOICES = {
     "rotation": ("data_dependent", "data_independent", "none"),
     "trapezoid": ("learned", "half", "euler"),
     "a_activation": ("heavy_tail", "softplus"),
-    "backend": ("auto", "torch"),
+    "backend": ("auto", "triton", "torch"),
 }
 
 
@@ -61,7 +62,8 @@ class Mamba3Config:
     outproj_norm: bool = False  # per-head RMSNorm of y before the gate
     norm_eps: float = 1e-5
     chunk_size: int | None = None  # power of two; None = 64 // R rounded down to a power of two
-    backend: Literal["auto", "torch"] = "auto"  # "auto" = fastest available; only the PyTorch path exists now
+    # auto = Triton kernels on CUDA where they apply (SISO, unpacked batches), else the PyTorch reference
+    backend: Literal["auto", "triton", "torch"] = "auto"
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -86,6 +88,9 @@ class Mamba3Config:
         if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor < 0:
             raise ConfigError(f"mamba3 needs 0 < dt_min <= dt_max and dt_init_floor >= 0, got "
                               f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}")
+        if self.backend == "triton" and self.mimo:
+            raise ConfigError("mamba3 backend 'triton' covers SISO only so far (MIMO kernels are not written yet); "
+                              "use backend 'auto' or 'torch' with mimo_rank > 1")
         if self.A_floor <= 0 or self.norm_eps <= 0:
             raise ConfigError(f"mamba3 A_floor and norm_eps must be > 0, got {self.A_floor}, {self.norm_eps}")
 
@@ -132,6 +137,14 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     if weight is not None:
         xf = xf * weight.to(xf.dtype)
     return xf.to(x.dtype)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
@@ -255,6 +268,9 @@ class Mamba3(Mixer):
         elif cfg.rotation == "data_independent":
             dtheta = self.rope_freq.to(cdt).expand(Bsz, T, H, self.S)
 
+        if self._use_triton(x, seq_idx):
+            y = self._triton_scan(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, T, 1, H, P)
+            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
         params = dict(q_bias=getattr(self, "C_bias", None), k_bias=getattr(self, "B_bias", None), D=self.D,
                       v_rank=getattr(self, "mimo_x", None), pairing=self.pairing)
         if cache is not None and T == 1:
@@ -268,6 +284,51 @@ class Mamba3(Mixer):
         if cache is not None:
             cache.update(state)
         return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+
+    def _use_triton(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
+        backend = self.cfg.backend
+        if backend == "torch" or self.cfg.mimo:
+            return False
+        # On the CPU only Triton's interpreter can run the kernels (tests): never chosen by "auto" there.
+        device_ok = x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+        usable = device_ok and seq_idx is None and _triton_available()
+        if backend == "triton" and not usable:
+            raise RuntimeError("mamba3 backend 'triton' needs triton, a CUDA device and an unpacked batch (no seq_idx); "
+                               "use backend 'auto' to fall back to the PyTorch reference")
+        if usable:
+            from hybrid.kernels.mamba3.triton_siso import unsupported_reason
+
+            reason = unsupported_reason(self.N, self.P, self.cfg.resolved_chunk_size)
+            if reason is not None and backend == "triton":
+                raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
+            usable = reason is None
+        return usable
+
+    def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+        """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""
+        from hybrid.kernels.mamba3.triton_siso import mamba3_siso_chunk, mamba3_siso_step_
+
+        cfg, Bsz, T = self.cfg, xs.shape[0], xs.shape[1]
+        omega, angle_dt = None, True
+        if cfg.rotation == "data_dependent":
+            omega = math.pi * torch.tanh(u_th.float())  # (B, T, S); the kernels scale it by dt
+        elif cfg.rotation == "data_independent":
+            omega, angle_dt = self.rope_freq.expand(Bsz, T, self.S), False
+        q_bias = self.C_bias[:, 0] if cfg.bc_bias else None  # (H, N)
+        k_bias = self.B_bias[:, 0] if cfg.bc_bias else None
+        q, k = Cm[:, :, 0], Bm[:, :, 0]  # (B, T, G, N)
+        if cache is not None and T == 1:
+            y = mamba3_siso_step_(q[:, 0].contiguous(), k[:, 0].contiguous(), xs[:, 0].contiguous(),
+                                  log_decay[:, 0].contiguous(), dt[:, 0].contiguous(), lam[:, 0].contiguous(), cache.state(),
+                                  None if omega is None else omega[:, 0].contiguous(),
+                                  angle_dt, q_bias, k_bias, self.D)
+            return y[:, None, None]  # (B, 1, 1, H, P)
+        y, state = mamba3_siso_chunk(q, k, xs, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, self.D,
+                                     initial_state=None if cache is None else cache.state(),
+                                     chunk_size=cfg.resolved_chunk_size)
+        if cache is not None:
+            cache.update(state)
+        return y[:, :, None]  # (B, T, 1, H, P)
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P): [norm], silu gate, MIMO contraction."""

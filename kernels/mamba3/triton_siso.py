@@ -1,0 +1,417 @@
+"""Triton kernels for Mamba-3 SISO: chunk-parallel forward (SSD layout) and the fused decode step.
+
+Same math as ``chunk.py`` (the reference these kernels are tested against), organised so that every
+chunk of every sequence is processed in parallel, as Mamba-2's SSD does:
+
+    1. _chunk_state_fwd   grid (chunks, B*H)    local state of each chunk, as if it started from zero
+    2. _state_passing_fwd grid (B*H, P*N/BLOCK) short sequential scan over chunks: the entering states
+    3. _chunk_scan_fwd    grid (chunks, B*H)    intra-chunk masked matmuls + entering state + D skip
+
+Rotation, B/C biases and the trapezoid weights are fused into 1 and 3; nothing of size T x H x N is
+materialised. Interleaved rotation pairs (2i, 2i+1) are handled by loading even and odd state channels
+as two (C, N/2) tiles: a pair is then column i of both tiles, q.k = qE.kE + qO.kO, and chunk states
+are kept as [even | odd] halves internally (the final state is written back in natural order).
+
+Angles: the layer passes omega (B, T, S) (pi * tanh(u_theta), or a fixed frequency) and whether it is
+scaled by dt. Per-chunk angle totals and their exclusive prefix sums are tiny and taken in float64 in
+PyTorch (reduced mod 2pi, so long sequences lose no angle precision); within a chunk the kernels add
+a cumulative sum of dt * omega to that offset.
+
+Sequence boundaries (``seq_idx``) are not handled here: the layer falls back to the PyTorch reference
+for packed batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from hybrid.kernels.mamba3.chunk import mamba3_chunk as chunk_reference
+from hybrid.kernels.mamba3.common import Mamba3State, rotate
+
+
+@triton.jit
+def _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot,
+            ANGLE_DT: tl.constexpr):
+    """(C, N/2) cumulative angles of one chunk for one head; columns >= S get angle 0."""
+    smask = n < S
+    om = tl.load(OMEGA + b * s_ob + t[:, None] * s_ot + n[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
+    om = om.to(tl.float32)
+    if ANGLE_DT:
+        om = om * dt[:, None]
+    off = tl.load(THETA_OFF + ((b * nc + c) * H + h) * S + n, mask=smask, other=0.0)
+    return tl.cumsum(om, axis=0) + off[None, :]
+
+
+@triton.jit
+def _load_rotated(PTR, BIAS, t, tmask, n, base, s_t, cos, sin, h, N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_ROT: tl.constexpr):
+    """Even and odd channels of (C, N) rows at PTR + base + t * s_t (stored as [even | odd] halves, so both
+    loads are contiguous), plus the head's bias, rotated."""
+    e = tl.load(PTR + base + t[:, None] * s_t + n[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(PTR + base + t[:, None] * s_t + N // 2 + n[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        e += tl.load(BIAS + h * N + n).to(tl.float32)[None, :]
+        o += tl.load(BIAS + h * N + N // 2 + n).to(tl.float32)[None, :]
+    if HAS_ROT:
+        e, o = e * cos - o * sin, e * sin + o * cos
+    return e, o
+
+
+@triton.jit
+def _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah):
+    """Per-token coefficients of one chunk: cumulative log-decay, key weight (gamma + next beta'), gamma, dt."""
+    a = tl.load(A + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
+    dt = tl.load(DT + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
+    lam = tl.load(LAM + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
+    nmask = (t + 1) < T
+    dtn = tl.load(DT + b * s_ab + (t + 1) * s_at + h * s_ah, mask=nmask, other=0.0).to(tl.float32)
+    lamn = tl.load(LAM + b * s_ab + (t + 1) * s_at + h * s_ah, mask=nmask, other=1.0).to(tl.float32)
+    gamma = lam * dt
+    scale = gamma + dtn * (1.0 - lamn)  # beta' of token t + 1 enters the state with token t's key
+    return tl.cumsum(a, axis=0), scale, gamma, dt
+
+
+@triton.jit
+def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
+                     T, H, S, nc, heads_per_group,
+                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                     C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
+                     HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // heads_per_group
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    n, p = tl.arange(0, N2), tl.arange(0, P)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    cos = 0.0
+    sin = 0.0
+    if HAS_ROT:
+        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        cos, sin = tl.cos(theta), tl.sin(theta)
+    kE, kO = _load_rotated(K, KB, t, tmask, n, b * s_kb + g * s_kg, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
+    x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
+    cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
+    w_end = tl.exp(cs_last - cs) * scale  # (C,)
+    w_end = tl.where(tmask, w_end, 0.0)
+    xt = tl.trans(x).to(X.dtype.element_ty)  # (P, C)
+    localE = tl.dot(xt, (kE * w_end[:, None]).to(X.dtype.element_ty))  # (P, N/2)
+    localO = tl.dot(xt, (kO * w_end[:, None]).to(X.dtype.element_ty))
+    base = LOCAL + ((b * nc + c) * H + h) * P * 2 * N2
+    tl.store(base + p[:, None] * 2 * N2 + n[None, :], localE)
+    tl.store(base + p[:, None] * 2 * N2 + N2 + n[None, :], localO)
+    tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
+
+
+@triton.jit
+def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.constexpr):
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    g = tl.load(G0 + bh * PN + offs, mask=m, other=0.0)
+    for c in range(nc):
+        idx = (b * nc + c) * H + h
+        tl.store(G_IN + idx * PN + offs, g, mask=m)
+        decay = tl.exp(tl.load(CS_LAST + idx))
+        g = decay * g + tl.load(LOCAL + idx * PN + offs, mask=m, other=0.0)
+    tl.store(G_FINAL + bh * PN + offs, g, mask=m)
+
+
+@triton.jit
+def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
+                    T, H, S, nc, heads_per_group,
+                    s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                    C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
+                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
+                    HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // heads_per_group
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    n, p = tl.arange(0, N2), tl.arange(0, P)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    cos = 0.0
+    sin = 0.0
+    if HAS_ROT:
+        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        cos, sin = tl.cos(theta), tl.sin(theta)
+    base = b * s_kb + g * s_kg
+    qE, qO = _load_rotated(Q, QB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
+    kE, kO = _load_rotated(K, KB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
+    dtype = X.dtype.element_ty
+    qE, qO, kE, kO = qE.to(dtype), qO.to(dtype), kE.to(dtype), kO.to(dtype)
+    scores = tl.dot(qE, tl.trans(kE)) + tl.dot(qO, tl.trans(kO))  # (C, C)
+    i = tl.arange(0, C)
+    below = i[:, None] > i[None, :]
+    decay = tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0))  # exponent <= 0 where used
+    w = tl.where(below, decay * scale[None, :], tl.where(i[:, None] == i[None, :], gamma[None, :], 0.0))
+    x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
+    y = tl.dot((scores * w).to(dtype), x.to(dtype))  # (C, P)
+    gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
+    gE = tl.load(gbase + p[:, None] * 2 * N2 + n[None, :]).to(dtype)  # (P, N/2)
+    gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + n[None, :]).to(dtype)
+    y += tl.exp(cs)[:, None] * (tl.dot(qE, tl.trans(gE)) + tl.dot(qO, tl.trans(gO)))
+    if HAS_D:
+        y += tl.load(D + h).to(tl.float32) * x.to(tl.float32)
+    tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
+
+
+def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | None:
+    """Why these kernels cannot run a shape (tile sizes must be powers of two, matmul sides >= 16), or None."""
+    def pow2(n: int) -> bool:
+        return n >= 1 and n & (n - 1) == 0
+    if not (pow2(d_state) and d_state >= 32):
+        return f"d_state must be a power of two >= 32, got {d_state}"
+    if not (pow2(headdim) and headdim >= 16):
+        return f"headdim must be a power of two >= 16, got {headdim}"
+    if not (pow2(chunk_size) and chunk_size >= 16):
+        return f"chunk_size must be a power of two >= 16, got {chunk_size}"
+    return None
+
+
+def _to_eo(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) natural channel order -> [even | odd] halves."""
+    return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+
+
+def _from_eo(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[-1] // 2
+    return torch.stack([t[..., :half], t[..., half:]], dim=-1).flatten(-2)
+
+
+def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, theta0: torch.Tensor | None,
+                  chunk_size: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angle of each chunk's entry (B, nc, H, S) and the final angle (B, H, S), in float64 then mod 2pi."""
+    Bsz, T = dt.shape[:2]
+    S = omega.shape[-1]
+    nc = -(-T // chunk_size)
+    pad = nc * chunk_size - T
+    om = torch.nn.functional.pad(omega.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, S)
+    if angle_dt:  # per-chunk totals sum_t dt_t omega_t as a small float64 batched matmul (no (B, T, H, S) tensor)
+        d = torch.nn.functional.pad(dt.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, heads)
+        inc = torch.einsum("bcth,bcts->bchs", d, om)
+    else:
+        inc = om.sum(2)[:, :, None, :].expand(Bsz, nc, heads, S)
+    start = torch.zeros(Bsz, heads, S, dtype=torch.float64, device=dt.device) if theta0 is None else theta0.double()
+    total = start[:, None] + inc.cumsum(1)  # (B, nc, H, S) angle after each chunk
+    entry = torch.cat([start[:, None], total[:, :-1]], dim=1)
+    two_pi = 2 * math.pi
+    return torch.remainder(entry, two_pi).float().contiguous(), torch.remainder(total[:, -1], two_pi)
+
+
+def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, dt: torch.Tensor,
+                          lam: torch.Tensor, omega: torch.Tensor | None = None, angle_dt: bool = True,
+                          q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+                          D: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
+                          chunk_size: int = 64) -> tuple[torch.Tensor, Mamba3State]:
+    """Chunk-parallel Mamba-3 SISO forward (interleaved pairing). No autograd; see ``mamba3_siso_chunk``.
+
+    q, k (B, T, G, N); v (B, T, H, P); log_decay, dt, lam (B, T, H); omega (B, T, S) angle rate (the
+    increment is dt * omega when ``angle_dt`` else omega) or None for no rotation; q_bias, k_bias (H, N);
+    D (H,). Returns y (B, T, H, P) in v's dtype and the final state (angle, ssm in float32).
+    """
+    Bsz, T, G, N = q.shape
+    H, P = v.shape[2:]
+    C = chunk_size
+    nc = -(-T // C)
+    S = 0 if omega is None else omega.shape[-1]
+    dev = v.device
+    k_nat = k
+    # [even | odd] channel order: one cheap pass over the group-shared q and k makes every kernel load contiguous.
+    q, k, v = _to_eo(q).contiguous(), _to_eo(k).contiguous(), v.contiguous()
+    log_decay, dt, lam = log_decay.contiguous(), dt.contiguous(), lam.contiguous()
+    if omega is not None:
+        omega = omega if omega.stride(-1) == 1 else omega.contiguous()
+        theta_off, theta_final = angle_offsets(omega, dt, angle_dt, None if initial_state is None else initial_state.angle,
+                                               C, H)
+    else:
+        theta_off = torch.zeros(1, device=dev)
+        theta_final = torch.zeros(Bsz, H, 0, device=dev)
+    om = omega if omega is not None else torch.zeros(1, 1, 1, device=dev)
+    qb = _to_eo(q_bias).contiguous() if q_bias is not None else q
+    kb = _to_eo(k_bias).contiguous() if k_bias is not None else k
+
+    local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=torch.float32)
+    cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+               dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1))
+    flags = dict(C=C, N2=N // 2, P=P, HAS_ROT=omega is not None, ANGLE_DT=angle_dt)
+    _chunk_state_fwd[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
+                                    T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
+
+    # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
+    g0 = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
+    if initial_state is not None:
+        beta0 = (dt[:, 0] * (1 - lam[:, 0])).float()  # (B, H)
+        prev = initial_state.v.float()[..., :, None] * initial_state.k[:, 0].float()[..., None, :]  # (B, H, P, N)
+        g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
+    g_in = torch.empty_like(local)
+    g_final = torch.empty_like(g0)
+    PN = P * N
+    BLOCK = min(1024, triton.next_power_of_2(PN))
+    _state_passing_fwd[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN, BLOCK=BLOCK)
+
+    y = torch.empty_like(v)
+    _chunk_scan_fwd[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
+                                   g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
+                                   HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
+
+    # Final cache: last token's biased key rotated with its own angle, and its raw value.
+    k_last = k_nat[:, -1].float().repeat_interleave(H // G, dim=1)  # (B, H, N)
+    if k_bias is not None:
+        k_last = k_last + k_bias.float()
+    if S:
+        k_last = rotate(k_last, theta_final.cos().float(), theta_final.sin().float(), "interleaved")
+    state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
+    return y, state
+
+
+@triton.jit
+def _rotate_vec(PTR, BIAS, n, partner, h, cos, sin, sign, N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr):
+    """(N,) vector plus the head's bias, pairs (2i, 2i+1) rotated: v_n cos - v_{n^1} sin (even n), + (odd n)."""
+    v = tl.load(PTR + n).to(tl.float32)
+    if HAS_ROT:
+        w = tl.load(PTR + partner).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(BIAS + h * N + n).to(tl.float32)
+        if HAS_ROT:
+            w += tl.load(BIAS + h * N + partner).to(tl.float32)
+    if HAS_ROT:
+        v = v * cos + sign * w * sin
+    return v
+
+
+@triton.jit
+def _step_kernel(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, ANGLE, SSM, KC, VC, Y,
+                 H, S, heads_per_group, s_qb, s_qg, s_xb, s_xh, s_ab, s_ah, s_ob,
+                 N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
+                 HAS_D: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """One token for one (sequence, head); the cache (angle, ssm, k, v) is updated in place.
+
+    One program owns a (sequence, head) so that every cache entry is read before it is overwritten; the
+    (P, N) state streams through in (BP, N) row blocks in natural channel order (coalesced).
+    """
+    b, h = tl.program_id(0), tl.program_id(1)
+    g = h // heads_per_group
+    n = tl.arange(0, N)
+    partner = n ^ 1
+    a = tl.load(A + b * s_ab + h * s_ah).to(tl.float32)
+    dt = tl.load(DT + b * s_ab + h * s_ah).to(tl.float32)
+    lam = tl.load(LAM + b * s_ab + h * s_ah).to(tl.float32)
+    cos = 1.0
+    sin = 0.0
+    sign = tl.where(n % 2 == 0, -1.0, 1.0)
+    if HAS_ROT:
+        pair = n // 2
+        pmask = pair < S
+        om = tl.load(OMEGA + b * s_ob + pair, mask=pmask, other=0.0).to(tl.float32)
+        if ANGLE_DT:
+            om = om * dt
+        theta = tl.load(ANGLE + (b * H + h) * S + pair, mask=pmask, other=0.0) + om
+        theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & (n % 2 == 0))
+        cos, sin = tl.cos(theta), tl.sin(theta)
+    q = _rotate_vec(Q + b * s_qb + g * s_qg, QB, n, partner, h, cos, sin, sign, N, HAS_QB, HAS_ROT)
+    k = _rotate_vec(K + b * s_qb + g * s_qg, KB, n, partner, h, cos, sin, sign, N, HAS_KB, HAS_ROT)
+    k_prev = tl.load(KC + (b * H + h) * N + n).to(tl.float32)
+    alpha = tl.exp(a)
+    beta = (1.0 - lam) * dt * alpha
+    gamma = lam * dt
+    d_skip = 0.0
+    if HAS_D:
+        d_skip = tl.load(D + h).to(tl.float32)
+    for p0 in range(0, P, BP):
+        p = p0 + tl.arange(0, BP)
+        x = tl.load(X + b * s_xb + h * s_xh + p).to(tl.float32)
+        x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
+        ptr = SSM + ((b * H + h) * P + p[:, None]) * N + n[None, :]
+        st = alpha * tl.load(ptr) + beta * x_prev[:, None] * k_prev[None, :] + gamma * x[:, None] * k[None, :]
+        tl.store(ptr, st)
+        y = tl.sum(st * q[None, :], axis=1) + d_skip * x
+        tl.store(Y + (b * H + h) * P + p, y.to(Y.dtype.element_ty))
+        tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
+    tl.store(KC + (b * H + h) * N + n, k.to(KC.dtype.element_ty))
+
+
+def mamba3_siso_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, dt: torch.Tensor,
+                      lam: torch.Tensor, state: Mamba3State, omega: torch.Tensor | None = None, angle_dt: bool = True,
+                      q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
+                      D: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Fused decode step, updating ``state`` in place (static shapes: CUDA-graph capturable).
+
+    q, k (B, G, N); v (B, H, P); log_decay, dt, lam (B, H); omega (B, S) or None; state tensors contiguous
+    with ssm and angle in float32. Returns y (B, H, P) (written into ``out`` when given).
+    """
+    Bsz, G, N = q.shape
+    H, P = v.shape[1:]
+    S = 0 if omega is None else omega.shape[-1]
+    y = torch.empty_like(v) if out is None else out
+    om = omega if omega is not None else q
+    _step_kernel[(Bsz, H)](q, k, v, log_decay, dt, lam, om, q_bias if q_bias is not None else q,
+                           k_bias if k_bias is not None else q, D if D is not None else dt,
+                           state.angle, state.ssm, state.k, state.v, y, H, S, H // G,
+                           q.stride(0), q.stride(1), v.stride(0), v.stride(1), dt.stride(0), dt.stride(1),
+                           om.stride(0), N=N, P=P, BP=min(P, 16), HAS_QB=q_bias is not None, HAS_KB=k_bias is not None,
+                           HAS_D=D is not None, HAS_ROT=omega is not None, ANGLE_DT=angle_dt)
+    return y
+
+
+class _SisoChunk(torch.autograd.Function):
+    """Triton forward; the backward recomputes through the PyTorch chunked reference (``chunk.py``).
+
+    The fused Triton backward is still to come; until then training on GPU gets the fast forward and a
+    reference-speed backward with the same memory profile as the reference (O(T * chunk)).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev, angle_dt, chunk_size):
+        init = None if angle is None else Mamba3State(angle, ssm, k_prev, v_prev)
+        y, state = mamba3_siso_chunk_fwd(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, init, chunk_size)
+        ctx.save_for_backward(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev)
+        ctx.angle_dt, ctx.chunk_size = angle_dt, chunk_size
+        ctx.mark_non_differentiable(state.angle)
+        return y, state.angle, state.ssm, state.k, state.v.clone()  # v is a view of an input: clone it
+
+    @staticmethod
+    def backward(ctx, dy, d_angle, d_ssm, d_k, d_v):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.dtype.is_floating_point) if t is not None else None for t in saved]
+            q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev = inputs
+            y, state = mamba3_siso_reference(q, k, v, log_decay, dt, lam, omega, ctx.angle_dt, q_bias, k_bias, D,
+                                             None if angle is None else Mamba3State(angle, ssm, k_prev, v_prev),
+                                             ctx.chunk_size)
+            outs = [y, state.ssm, state.k, state.v]
+            grads = [dy, d_ssm, d_k, d_v]
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            need = [t for t in inputs if t is not None and t.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True)
+        it = iter(got)
+        result = [next(it) if t is not None and t.requires_grad else None for t in inputs]
+        return (*result, None, None)
+
+
+def mamba3_siso_reference(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,
+                          initial_state=None, chunk_size=64):
+    """``mamba3_siso_chunk`` through the PyTorch chunked reference (same arguments, y (B, T, H, P))."""
+    dtheta = None
+    if omega is not None:
+        S = omega.shape[-1]
+        dtheta = dt[..., None] * omega[:, :, None, :] if angle_dt else omega[:, :, None, :].expand(*dt.shape, S)
+    y, state = chunk_reference(q[:, :, None], k[:, :, None], v, log_decay, dt, lam, dtheta,
+                               None if q_bias is None else q_bias[:, None], None if k_bias is None else k_bias[:, None],
+                               D, initial_state=initial_state, chunk_size=chunk_size, pairing="interleaved")
+    return y[:, :, 0], state
+
+
+def mamba3_siso_chunk(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,
+                      initial_state: Mamba3State | None = None, chunk_size: int = 64) -> tuple[torch.Tensor, Mamba3State]:
+    """Differentiable Mamba-3 SISO chunked scan with the Triton forward (arguments as ``mamba3_siso_chunk_fwd``)."""
+    st = initial_state if initial_state is not None else (None, None, None, None)
+    y, *state = _SisoChunk.apply(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, *st, angle_dt, chunk_size)
+    return y, Mamba3State(*state)
