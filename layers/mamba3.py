@@ -306,7 +306,8 @@ class Mamba3(Mixer):
 
     def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
         """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""
-        from hybrid.kernels.mamba3.triton_siso import mamba3_siso_chunk, mamba3_siso_step_
+        from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
+        from hybrid.kernels.mamba3.triton_siso import mamba3_siso_step_
 
         cfg, Bsz, T = self.cfg, xs.shape[0], xs.shape[1]
         omega, angle_dt = None, True

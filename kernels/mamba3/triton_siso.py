@@ -24,11 +24,11 @@ for packed batches.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
-from hybrid.kernels.mamba3.chunk import mamba3_chunk as chunk_reference
 from hybrid.kernels.mamba3.common import Mamba3State, rotate
 
 
@@ -161,6 +161,19 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
+def tuned(kernel):
+    """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
+    The interpreter (CPU tests) runs the kernel as written."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+    return triton.autotune(configs, key=["C", "N2", "P"])(kernel)
+
+
+_chunk_state_fwd_tuned = tuned(_chunk_state_fwd)
+_chunk_scan_fwd_tuned = tuned(_chunk_scan_fwd)
+
+
 def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | None:
     """Why these kernels cannot run a shape (tile sizes must be powers of two, matmul sides >= 16), or None."""
     def pow2(n: int) -> bool:
@@ -209,12 +222,18 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
                           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                           D: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
                           chunk_size: int = 64) -> tuple[torch.Tensor, Mamba3State]:
-    """Chunk-parallel Mamba-3 SISO forward (interleaved pairing). No autograd; see ``mamba3_siso_chunk``.
+    """Chunk-parallel Mamba-3 SISO forward (interleaved pairing). No autograd; see ``siso.mamba3_siso_chunk``.
 
     q, k (B, T, G, N); v (B, T, H, P); log_decay, dt, lam (B, T, H); omega (B, T, S) angle rate (the
     increment is dt * omega when ``angle_dt`` else omega) or None for no rotation; q_bias, k_bias (H, N);
     D (H,). Returns y (B, T, H, P) in v's dtype and the final state (angle, ssm in float32).
     """
+    y, state, _ = chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size)
+    return y, state
+
+
+def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size):
+    """The forward launches; also returns what the backward needs (a dict of tensors and flags)."""
     Bsz, T, G, N = q.shape
     H, P = v.shape[2:]
     C = chunk_size
@@ -241,7 +260,7 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
                dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1))
     flags = dict(C=C, N2=N // 2, P=P, HAS_ROT=omega is not None, ANGLE_DT=angle_dt)
-    _chunk_state_fwd[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
+    _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
                                     T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 
     # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
@@ -257,7 +276,7 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     _state_passing_fwd[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN, BLOCK=BLOCK)
 
     y = torch.empty_like(v)
-    _chunk_scan_fwd[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
+    _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
                                    g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
                                    HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
 
@@ -268,7 +287,12 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     if S:
         k_last = rotate(k_last, theta_final.cos().float(), theta_final.sin().float(), "interleaved")
     state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
-    return y, state
+    ctx = dict(q=q, k=k, v=v, log_decay=log_decay, dt=dt, lam=lam, om=om, qb=qb, kb=kb, D=D if D is not None else dt,
+               theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last, strides=strides,
+               chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,
+               has_kb=k_bias is not None, has_d=D is not None, has_init=initial_state is not None, k_last=state.k,
+               v0=None if initial_state is None else initial_state.v, k0=None if initial_state is None else initial_state.k)
+    return y, state, ctx
 
 
 @triton.jit
@@ -360,58 +384,3 @@ def mamba3_siso_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_dec
                            HAS_D=D is not None, HAS_ROT=omega is not None, ANGLE_DT=angle_dt)
     return y
 
-
-class _SisoChunk(torch.autograd.Function):
-    """Triton forward; the backward recomputes through the PyTorch chunked reference (``chunk.py``).
-
-    The fused Triton backward is still to come; until then training on GPU gets the fast forward and a
-    reference-speed backward with the same memory profile as the reference (O(T * chunk)).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev, angle_dt, chunk_size):
-        init = None if angle is None else Mamba3State(angle, ssm, k_prev, v_prev)
-        y, state = mamba3_siso_chunk_fwd(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, init, chunk_size)
-        ctx.save_for_backward(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev)
-        ctx.angle_dt, ctx.chunk_size = angle_dt, chunk_size
-        ctx.mark_non_differentiable(state.angle)
-        return y, state.angle, state.ssm, state.k, state.v.clone()  # v is a view of an input: clone it
-
-    @staticmethod
-    def backward(ctx, dy, d_angle, d_ssm, d_k, d_v):
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(t.dtype.is_floating_point) if t is not None else None for t in saved]
-            q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev = inputs
-            y, state = mamba3_siso_reference(q, k, v, log_decay, dt, lam, omega, ctx.angle_dt, q_bias, k_bias, D,
-                                             None if angle is None else Mamba3State(angle, ssm, k_prev, v_prev),
-                                             ctx.chunk_size)
-            outs = [y, state.ssm, state.k, state.v]
-            grads = [dy, d_ssm, d_k, d_v]
-            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            need = [t for t in inputs if t is not None and t.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], need, [g for _, g in pairs], allow_unused=True)
-        it = iter(got)
-        result = [next(it) if t is not None and t.requires_grad else None for t in inputs]
-        return (*result, None, None)
-
-
-def mamba3_siso_reference(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,
-                          initial_state=None, chunk_size=64):
-    """``mamba3_siso_chunk`` through the PyTorch chunked reference (same arguments, y (B, T, H, P))."""
-    dtheta = None
-    if omega is not None:
-        S = omega.shape[-1]
-        dtheta = dt[..., None] * omega[:, :, None, :] if angle_dt else omega[:, :, None, :].expand(*dt.shape, S)
-    y, state = chunk_reference(q[:, :, None], k[:, :, None], v, log_decay, dt, lam, dtheta,
-                               None if q_bias is None else q_bias[:, None], None if k_bias is None else k_bias[:, None],
-                               D, initial_state=initial_state, chunk_size=chunk_size, pairing="interleaved")
-    return y[:, :, 0], state
-
-
-def mamba3_siso_chunk(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,
-                      initial_state: Mamba3State | None = None, chunk_size: int = 64) -> tuple[torch.Tensor, Mamba3State]:
-    """Differentiable Mamba-3 SISO chunked scan with the Triton forward (arguments as ``mamba3_siso_chunk_fwd``)."""
-    st = initial_state if initial_state is not None else (None, None, None, None)
-    y, *state = _SisoChunk.apply(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, *st, angle_dt, chunk_size)
-    return y, Mamba3State(*state)
