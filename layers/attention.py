@@ -1,7 +1,9 @@
 """Causal softmax attention: grouped-query heads, RoPE or no positions, optional sliding window.
 
 Backends (``backend``): ``auto`` picks flash-attn on CUDA when it is importable and applicable,
-else PyTorch SDPA; ``naive`` is the explicit-softmax oracle. All compute the same function.
+then FlexAttention on CUDA for windowed or document-masked training passes, else PyTorch SDPA;
+``naive`` is the explicit-softmax oracle. All compute the same function. With a window, the decode
+cache is a ring buffer of ``window`` slots (``hybrid.layers.sliding``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from hybrid.kernels.attention import (
     attention_sdpa,
     flash_available,
 )
+from hybrid.kernels.sparse_attention import doc_starts, flex_available, sparse_attention, window_plan
 from hybrid.layers.base import Mixer, check_seq_idx
+from hybrid.layers.sliding import KVCache
 from torch import nn
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
@@ -32,7 +36,7 @@ class AttentionConfig:
     position: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
     qkv_bias: bool = False
-    backend: Literal["auto", "sdpa", "flash", "naive"] = "auto"
+    backend: Literal["auto", "sdpa", "flash", "flex", "naive", "gather"] = "auto"  # gather: block_topk only
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -42,6 +46,8 @@ class AttentionConfig:
             raise ConfigError(f"attention num_kv_heads ({kv}) must divide num_heads ({self.num_heads})")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"attention window must be >= 1 (or null for full attention), got {self.window}")
+        if self.backend == "gather" and type(self) is AttentionConfig:
+            raise ConfigError("attention backend 'gather' is for block_topk; use auto, sdpa, flash, flex or naive")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise ConfigError(f"attention head_dim must be even and >= 2, got {self.head_dim}")
 
@@ -53,11 +59,7 @@ class AttentionConfig:
         return self.head_dim if self.head_dim is not None else d_model // self.num_heads
 
 
-@dataclass
-class AttentionCache:
-    k: torch.Tensor  # (B, Hkv, max_seqlen, D), keys already rotated
-    v: torch.Tensor  # (B, Hkv, max_seqlen, D)
-    pos: int = 0  # tokens consumed so far
+AttentionCache = KVCache  # (B, Hkv, slots, D) keys already rotated; a ring of `window` slots when windowed
 
 
 @register_mixer("attention", AttentionConfig, is_attention=True)
@@ -90,45 +92,54 @@ class Attention(Mixer):
         return Footprint(kv_bytes_per_token=per_token, kv_max_tokens=cfg.window)
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> AttentionCache:
-        device = device or self.o_proj.weight.device
-        dtype = dtype or self.o_proj.weight.dtype
-        shape = (batch_size, self.n_kv, max_seqlen, self.head_dim)
-        return AttentionCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return KVCache.allocate(batch_size, self.n_kv, self.head_dim, max_seqlen, self.cfg.window,
+                                device=device or self.o_proj.weight.device, dtype=dtype or self.o_proj.weight.dtype)
 
     def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate half-split channel pairs (i, i + D/2) by pos * inv_freq[i]; t is (B, H, T, D)."""
-        angles = pos.float()[:, None] * self.inv_freq[None, :]  # (T, D/2)
+        """Rotate half-split channel pairs (i, i + D/2) by pos * inv_freq[i]; t is (B, H, T, D), pos (T,) or (B, T)."""
+        angles = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
+        if angles.ndim == 3:  # per-row positions (gathered tokens of a router)
+            angles = angles[:, None]
         cos, sin = angles.cos(), angles.sin()
         t1, t2 = t.float().chunk(2, dim=-1)
         return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).to(t.dtype)
+
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d_model) at positions ``pos`` (T,) or (B, T) -> q (B, H, T, D), k and v (B, Hkv, T, D), q/k rotated."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.cfg.position == "rope":
+            q, k = self._rope(q, pos), self._rope(k, pos)
+        return q, k, v
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, D) head outputs -> (B, T, d_model)."""
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         check_seq_idx(seq_idx, x, cache)
         B, T, _ = x.shape
         window = self.cfg.window
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, Hkv, T, D) each
         offset = cache.pos if cache is not None else 0
         q_pos = torch.arange(offset, offset + T, device=x.device)
-        if self.cfg.position == "rope":
-            q, k = self._rope(q, q_pos), self._rope(k, q_pos)
+        q, k, v = self.qkv(x, q_pos)
 
         if cache is not None:
-            if offset + T > cache.k.shape[2]:
-                raise ValueError(f"attention cache holds {cache.k.shape[2]} tokens; cannot append {T} at position {offset}")
-            cache.k[:, :, offset:offset + T] = k
-            cache.v[:, :, offset:offset + T] = v
-            cache.pos = offset + T
-            # Keys before the first query's window can never be attended to: skip them.
-            start = 0 if window is None else max(0, offset - window + 1)
-            k, v = cache.k[:, :, start:offset + T], cache.v[:, :, start:offset + T]
-            k_pos = torch.arange(start, offset + T, device=x.device)
+            k, v, k_pos = cache.extend(k, v)  # only keys inside the first query's window come back
+            if window is not None:
+                self.stats = {"kv_kept": float(cache.kept)}
         else:
             k_pos = q_pos
+            if window is not None:  # fraction of causal (query, key) pairs inside the window
+                m = min(T, window)
+                allowed = m * (m + 1) / 2 + (T - m) * window
+                self.stats = {"pair_density": allowed / (T * (T + 1) / 2)}
 
         y = self._attend(q, k, v, q_pos, k_pos, seq_idx)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.project_out(y)
 
     def _attend(self, q, k, v, q_pos, k_pos, seq_idx):
         window, backend = self.cfg.window, self.cfg.backend
@@ -136,6 +147,11 @@ class Attention(Mixer):
             raise RuntimeError("attention backend 'flash' needs flash-attn, a CUDA device and fp16/bf16 activations")
         if backend in ("auto", "flash") and seq_idx is None and flash_available(q):
             return attention_flash(q, k, v, window)
+        square = q.shape[2] == k.shape[2]
+        if backend == "flex" or (backend == "auto" and square and flex_available(q) and (window or seq_idx is not None)):
+            # Band / document block masks skip the tiles outside the window (GPU; CPU runs forward only).
+            docs = doc_starts(seq_idx, q.shape[2], q.device)
+            return sparse_attention(q, k, v, window_plan(q_pos[None], k.shape[2], window, docs), backend="flex")
         mask = allowed_mask(q_pos, k_pos, window, seq_idx, seq_idx)
         if backend == "naive":
             return attention_naive(q, k, v, mask)

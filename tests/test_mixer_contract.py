@@ -12,11 +12,20 @@ from hybrid.model import build_model
 from hybrid.registry import MIXERS
 
 D_MODEL = 32
+_SSM = {"d_state": 16, "headdim": 16, "chunk_size": 4}  # backbone of the routed mixers
 # Small, fast settings per mixer (defaults are used for mixers not listed).
 SMALL = {
     "attention": [{"num_heads": 4, "num_kv_heads": 2}, {"num_heads": 2, "window": 3}],
     "mamba3": [{"d_state": 16, "headdim": 16, "chunk_size": 4}, {"d_state": 16, "headdim": 16, "mimo_rank": 2, "chunk_size": 4}],
     "mamba2": [{"d_state": 16, "headdim": 16, "chunk_size": 4}],
+    "block_topk": [{"num_heads": 4, "num_kv_heads": 2, "block_size": 2, "topk": 2},
+                   {"num_heads": 2, "block_size": 3, "topk": 1, "select": "token", "window": 2}],
+    "token_router": [{"ssm": _SSM, "attn": {"num_heads": 2}, "capacity": 0.5},
+                     {"ssm": _SSM, "attn": {"num_heads": 2, "window": 3}, "capacity": 0.5, "attend": "query_only"},
+                     {"ssm": _SSM, "attn": {"num_heads": 2, "window": 4}, "capacity": 0.5, "routing": "topk"}],
+    "chunk_gate": [{"ssm": _SSM, "attn": {"num_heads": 4, "num_kv_heads": 2}, "chunk_size": 4, "block_size": 2, "topk": 1},
+                   {"ssm": _SSM, "attn": {"num_heads": 2, "window": 2}, "chunk_size": 3, "topk": 2, "select": "token"}],
+    "fusion": [{"ssm": _SSM, "attn": {"num_heads": 2}}, {"ssm": _SSM, "attn": {"num_heads": 2, "window": 3}, "token_gate": True}],
 }
 
 

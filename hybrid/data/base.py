@@ -36,6 +36,35 @@ class Task:
     def sample(self, rng: np.random.Generator, n: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError  # abstract
 
+    def sample_train(self, rng: np.random.Generator, n: int, index: int) -> dict[str, torch.Tensor]:
+        """Training examples for batch ``index``; tasks with a curriculum override this (it must stay a
+        pure function of the config, ``rng`` and ``index`` so resumed runs see the same batches)."""
+        return self.sample(rng, n)
+
+    def row_keys(self, inputs: np.ndarray) -> list[bytes]:
+        """One identity per example, used to keep training examples out of the test set. Tasks whose
+        train and test rows differ in padded width override this to ignore the padding."""
+        return [row.tobytes() for row in inputs]
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the data worth recording with a run (corpus hash, file counts, ...)."""
+        return {}
+
+    def train_length(self) -> int:
+        """The sequence length the task trains at (the reference for length extrapolation)."""
+        return int(self.cfg.seq_len)
+
+    def length_overrides(self, length: int) -> dict[str, Any]:
+        """Config changes that make this task's evaluation examples ``length`` tokens long."""
+        return {"seq_len": int(length)}
+
+    def test_batches(self, batch_size: int):
+        """The test set in batches; tasks with very long examples override this to generate lazily."""
+        test = self.test_set()
+        n = len(test["inputs"])
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in test.items()}
+
     def rng(self, split: str, index: int) -> np.random.Generator:
         stream = {"train": 0, "test": 1}[split]
         return np.random.default_rng([self.cfg.seed, stream, index])
@@ -43,19 +72,19 @@ class Task:
     def test_set(self) -> dict[str, torch.Tensor]:
         if self._test is None:
             self._test = self.sample(self.rng("test", 0), self.cfg.num_test)
-            self._test_rows = {row.tobytes() for row in self._test["inputs"].numpy()}
+            self._test_rows = set(self.row_keys(self._test["inputs"].numpy()))
         return self._test
 
     def train_batch(self, index: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Training batch ``index``; rows identical to a test example are redrawn, so the splits are disjoint."""
         test_rows = self._test_rows if self._test_rows is not None else (self.test_set() and self._test_rows)
         rng = self.rng("train", index)
-        batch = self.sample(rng, batch_size)
+        batch = self.sample_train(rng, batch_size, index)
         for _ in range(100):
-            clash = [i for i, row in enumerate(batch["inputs"].numpy()) if row.tobytes() in test_rows]
+            clash = [i for i, key in enumerate(self.row_keys(batch["inputs"].numpy())) if key in test_rows]
             if not clash:
                 break
-            redraw = self.sample(rng, len(clash))
+            redraw = self.sample_train(rng, len(clash), index)
             for key in batch:
                 batch[key][clash] = redraw[key]
         else:  # pragma: no cover - only a task with a tiny example space gets here
@@ -66,9 +95,15 @@ class Task:
     @torch.no_grad()
     def metrics(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Accuracy over the scored positions (for recall tasks: the query positions only)."""
+        return self.score(logits.argmax(-1), batch)
+
+    @torch.no_grad()
+    def score(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metrics from argmax predictions ``pred`` (B, T). Kept separate from ``metrics`` so evaluation
+        can score a whole test set at once (exact slice averages) without holding its logits."""
         labels = batch["labels"]
         scored = labels != IGNORE
-        correct = (logits.argmax(-1) == labels) & scored
+        correct = (pred == labels) & scored
         return {"acc": correct.sum().float() / scored.sum().clamp(min=1), "n_scored": scored.sum().float()}
 
 
