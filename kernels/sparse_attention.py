@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 
 import torch
 from hybrid.kernels.attention import attention_naive, attention_sdpa
-from torch.nn.attention.bias import causal_lower_right
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -374,43 +373,30 @@ def attention_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: t
                        group: int) -> torch.Tensor:
     """Block top-k where every query group of ``group`` rows shares one selection, without documents or
     a window: each group attends to [its selected key blocks ; its own keys, causally] as one small
-    dense attention, so the work is exactly the selected pairs and runs on fused dense kernels.
+    dense attention (MoBA's gathered layout), so the work is exactly the selected pairs.
 
-    q (B, H, T, D), k/v (B, Hkv, T, D), sel (B, Hkv, G, k) block ids per group (-1 = none; only groups
-    with fewer than k complete past blocks have any, and as many for every head), ``block`` divides
-    ``group``. Groups with k valid blocks use SDPA's lower-right causal bias (flash kernels): each query
-    sees all k * block gathered keys and its own group causally. The first groups use an explicit mask.
+    q (B, H, T, D), k/v (B, Hkv, T, D), sel (B, Hkv, G, k) block ids per group (-1 = none; a group's
+    count of valid slots is the same for every head), ``block`` divides ``group``.
     """
     B, H, T, D = q.shape
     Hkv, G, kk = k.shape[1], sel.shape[2], sel.shape[3]
-    g = H // Hkv
     pad = G * group - T
-    if pad:  # padded keys sit after every real query of the last group: causality hides them
+    if pad:  # padded keys sit after every real query of the last group: the causal part hides them
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    L, n_blocks = kk * block, G * group // block
-    b_idx = torch.arange(B, device=q.device)[:, None, None, None]
-    h_idx = torch.arange(Hkv, device=q.device)[None, :, None, None]
-    blocks = sel.clamp(min=0)
+    # torch.gather + one masked SDPA: on the H200, 18.8 ms vs 27.7 ms for advanced indexing + a lower-right causal bias
+    idx = (sel.clamp(min=0) * block)[..., None] + torch.arange(block, device=q.device)  # (B, Hkv, G, k, block)
+    idx = idx.flatten(2)[..., None].expand(-1, -1, -1, D)  # (B, Hkv, G * k * block, D)
+    L = kk * block
 
-    def keys(t):  # (B, Hkv, T, D) -> (B * Hkv * G, 1, L + group, D): gathered blocks, then the group's own keys
-        picked = t.view(B, Hkv, n_blocks, block, D)[b_idx, h_idx, blocks]  # (B, Hkv, G, k, block, D)
-        both = torch.cat([picked.view(B, Hkv, G, L, D), t.view(B, Hkv, G, group, D)], dim=3)
-        return both.view(B * Hkv * G, 1, L + group, D)
+    def keys(t):  # (B, Hkv, T, D) -> (B * G, H, L + group, D): gathered blocks, then the group's own keys
+        picked = t.gather(2, idx).view(B, Hkv, G, L, D)
+        own = t.view(B, Hkv, G, group, D)
+        both = torch.cat([picked, own], dim=3).transpose(1, 2).reshape(B * G, Hkv, L + group, D)
+        return both.repeat_interleave(H // Hkv, dim=1) if H > Hkv else both
 
-    # Queries grouped like the keys: (B * Hkv * G, g, group, D) (a view when there is no GQA).
-    qg = q.view(B, Hkv, g, G, group, D).transpose(2, 3).reshape(B * Hkv * G, g, group, D)
-    kg, vg = keys(k), keys(v)
-    if g > 1:
-        kg, vg = kg.expand(-1, g, -1, -1), vg.expand(-1, g, -1, -1)
-    head = min(kk, G)  # groups that may lack a full selection
-    out = torch.empty_like(qg)
-    rows = torch.arange(B * Hkv * G, device=q.device).view(B, Hkv, G)
-    first, rest = rows[:, :, :head].flatten(), rows[:, :, head:].flatten()
-    if rest.numel():
-        bias = causal_lower_right(group, L + group)
-        out[rest] = attention_sdpa(qg[rest], kg[rest], vg[rest], bias)
-    valid = (sel[:, :, :head] >= 0).repeat_interleave(block, dim=-1)  # (B, Hkv, head, L)
+    qg = q.view(B, H, G, group, D).transpose(1, 2).reshape(B * G, H, group, D)
+    valid = (sel[:, 0] >= 0).repeat_interleave(block, dim=-1)  # (B, G, L) same for every head
     causal = torch.ones(group, group, dtype=torch.bool, device=q.device).tril()
-    mask = torch.cat([valid[..., None, :].expand(B, Hkv, head, group, L), causal.expand(B, Hkv, head, group, group)], -1)
-    out[first] = attention_sdpa(qg[first], kg[first], vg[first], mask.reshape(-1, 1, group, L + group))
-    return out.view(B, Hkv, G, g, group, D).transpose(2, 3).reshape(B, H, G * group, D)[:, :, :T]
+    mask = torch.cat([valid[:, :, None, :].expand(B, G, group, L), causal.expand(B, G, group, group)], dim=-1)
+    out = attention_sdpa(qg, keys(k), keys(v), mask.reshape(B * G, 1, group, L + group))  # (B * G, H, group, D)
+    return out.view(B, G, H, group, D).transpose(1, 2).reshape(B, H, G * group, D)[:, :, :T]
