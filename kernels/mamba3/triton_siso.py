@@ -161,13 +161,14 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
-def tuned(kernel):
+def tuned(kernel, restore: tuple[str, ...] = ()):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
-    The interpreter (CPU tests) runs the kernel as written."""
+    ``restore`` names buffers the kernel reads and rewrites in place: the tuner restores them between
+    trial runs. The interpreter (CPU tests) runs the kernel as written."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-    return triton.autotune(configs, key=["C", "N2", "P"])(kernel)
+    return triton.autotune(configs, key=["C", "N2", "P"], restore_value=list(restore))(kernel)
 
 
 _chunk_state_fwd_tuned = tuned(_chunk_state_fwd)

@@ -5,13 +5,16 @@ Forward per chunk (``triton_siso.py``), with rotated q, k and in-chunk cumulativ
     y_j     = sum_{i<j} e^{cs_j - cs_i} scale_i (q_j.k_i) x_i + gamma_j (q_j.k_j) x_j + e^{cs_j} G_c q_j + D x_j
     G_{c+1} = e^{cs_last} G_c + sum_i e^{cs_last - cs_i} scale_i x_i k_i^T
 
-Backward, three launches mirroring the forward:
+Backward, four launches mirroring the forward:
 
     1. _chunk_dstate_bwd  grid (chunks, B*H)   dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
     2. _state_passing_bwd grid (B*H, blocks)   reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
                                                into each chunk's local state; partial sums of d cs_last
-    3. _chunk_scan_bwd    grid (chunks, B*H)   everything else of chunk c: dq, dk (un-rotated, per head), dx,
-                                               d log-decay, d scale, d gamma, d angle
+    3. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
+                                               inter terms of d log-decay, d scale, d gamma, d angle
+    4. _chunk_scan_bwd_dkdx (same grid)        key/value side: dk, dx, local-state terms; completes d log-decay
+                                               and d angle (reverse cumulative sums). Two kernels rather than
+                                               one keep fewer (C, C) and (C, N/2) tiles live per program.
 
 PyTorch glue (``mamba3_siso_chunk_bwd``) sums per-head q/k gradients into their groups and biases, turns
 d scale / d gamma into d dt / d lambda, and d angle into d omega / d dt with a reverse cumulative sum
@@ -73,16 +76,11 @@ def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H
 
 
 @triton.jit
-def _chunk_scan_bwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, DLOCAL, DCSL, DY,
-                    DQH, DKH, DX, DA, DSCALE, DGAMMA, DTHETA, DTHETA_TOT, DD_PART,
-                    T, H, S, nc, heads_per_group,
-                    s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                    C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
-                    HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    c, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
+def _chunk_bwd_prologue(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, g, T, H, S, nc,
+                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                        C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
+                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """What both backward kernels recompute for one (chunk, head): coefficients, rotated q/k, x, dy."""
     t = c * C + tl.arange(0, C)
     tmask = t < T
     n, p = tl.arange(0, N2), tl.arange(0, P)
@@ -98,41 +96,94 @@ def _chunk_scan_bwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, DLOC
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
     x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
     dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-    dtype = X.dtype.element_ty
-    q16E, q16O, k16E, k16O = qE.to(dtype), qO.to(dtype), kE.to(dtype), kO.to(dtype)
-    x16, dy16 = x.to(dtype), dy.to(dtype)
+    return t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off
 
-    # Intra-chunk: the masked, decayed "attention" of the forward.
-    scores = tl.dot(q16E, tl.trans(k16E)) + tl.dot(q16O, tl.trans(k16O))  # (C, C) [j, i] = q_j.k_i
-    dyx = tl.dot(dy16, tl.trans(x16))  # (C, C) [j, i] = dy_j.x_i
+
+@triton.jit
+def _intra_weights(q16E, q16O, k16E, k16O, x16, dy16, cs, scale, gamma, C: tl.constexpr):
+    """The forward's intra-chunk weights and the two score matrices, [query j, key i]."""
+    scores = tl.dot(q16E, tl.trans(k16E)) + tl.dot(q16O, tl.trans(k16O))  # q_j.k_i
+    dyx = tl.dot(dy16, tl.trans(x16))  # dy_j.x_i
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
     diag = i[:, None] == i[None, :]
     decay = tl.where(below, tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0)), 0.0)
     w = decay * scale[None, :] + tl.where(diag, gamma[None, :], 0.0)
+    return scores, dyx, decay, w, below, diag
+
+
+@triton.jit
+def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
+                       DQH, DCS_PART, DSCALE, DGAMMA, DTHETA,
+                       T, H, S, nc, heads_per_group,
+                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                       C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """Query side of chunk c: dq (un-rotated, per head), the decay/scale/gamma terms of the intra and
+    inter parts, and the query half of d angle."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
+        Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
+        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, C, N2, P, HAS_QB, HAS_KB, HAS_ROT, ANGLE_DT)
+    dtype = X.dtype.element_ty
+    q16E, q16O, dy16 = qE.to(dtype), qO.to(dtype), dy.to(dtype)
+    scores, dyx, decay, w, below, diag = _intra_weights(q16E, q16O, kE.to(dtype), kO.to(dtype), x.to(dtype), dy16,
+                                                        cs, scale, gamma, C)
     dw = scores * dyx
     a1 = (dyx * w).to(dtype)
-    dqE = tl.dot(a1, k16E)
-    dqO = tl.dot(a1, k16O)
-    dkE = tl.dot(tl.trans(a1), q16E)
-    dkO = tl.dot(tl.trans(a1), q16O)
-    dx = tl.dot(tl.trans((scores * w).to(dtype)), dy16)  # (C, P)
-
-    # Inter-chunk: y_j += e^{cs_j} G q_j.
+    dqE = tl.dot(a1, kE.to(dtype))
+    dqO = tl.dot(a1, kO.to(dtype))
     gbase = ((b * nc + c) * H + h) * P * 2 * N2 + p[:, None] * 2 * N2 + n[None, :]
-    gE = tl.load(G_IN + gbase).to(dtype)  # (P, N/2)
-    gO = tl.load(G_IN + gbase + N2).to(dtype)
-    dyGE = tl.dot(dy16, gE)  # (C, N/2)
-    dyGO = tl.dot(dy16, gO)
+    dyGE = tl.dot(dy16, tl.load(G_IN + gbase).to(dtype))  # (C, N/2): rows of dy^T G
+    dyGO = tl.dot(dy16, tl.load(G_IN + gbase + N2).to(dtype))
     ecs = tl.exp(cs)
-    inter = ecs * (tl.sum(dyGE * qE, axis=1) + tl.sum(dyGO * qO, axis=1))  # d cs_j from the inter term
+    inter = ecs * (tl.sum(dyGE * qE, axis=1) + tl.sum(dyGO * qO, axis=1))
     dqE += ecs[:, None] * dyGE
     dqO += ecs[:, None] * dyGO
+    pw = tl.where(below, dw * w, 0.0)
+    coef = b * s_ab + t * s_at + h * s_ah
+    tl.store(DCS_PART + coef, tl.sum(pw, axis=1) - tl.sum(pw, axis=0) + inter, mask=tmask)
+    tl.store(DSCALE + coef, tl.sum(tl.where(below, dw * decay, 0.0), axis=0), mask=tmask)
+    tl.store(DGAMMA + coef, tl.sum(tl.where(diag, dw, 0.0), axis=1), mask=tmask)
+    if HAS_ROT:
+        dth = qE * dqO - qO * dqE  # d/dtheta of (e c - o s, e s + o c), query half
+        tl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + n[None, :], dth, mask=tmask[:, None] & (n < S)[None, :])
+        dqE, dqO = dqE * cos + dqO * sin, dqO * cos - dqE * sin
+    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2 + n[None, :]
+    tl.store(DQH + qk_off, dqE, mask=tmask[:, None])
+    tl.store(DQH + qk_off + N2, dqO, mask=tmask[:, None])
+
+
+@triton.jit
+def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
+                         DCS_PART, DSCALE, DTHETA, DKH, DX, DA, DTHETA_TOT, DD_PART,
+                         T, H, S, nc, heads_per_group,
+                         s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                         C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
+                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
+                         HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """Key/value side of chunk c: dk (un-rotated, per head), dx, the local-state terms, d log-decay (reverse
+    cumulative sum of everything d cs), d scale, d D, and d angle (completed and reverse-summed)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
+        Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
+        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, C, N2, P, HAS_QB, HAS_KB, HAS_ROT, ANGLE_DT)
+    dtype = X.dtype.element_ty
+    q16E, q16O, k16E, k16O = qE.to(dtype), qO.to(dtype), kE.to(dtype), kO.to(dtype)
+    x16, dy16 = x.to(dtype), dy.to(dtype)
+    scores, dyx, decay, w, below, diag = _intra_weights(q16E, q16O, k16E, k16O, x16, dy16, cs, scale, gamma, C)
+    a1t = tl.trans((dyx * w).to(dtype))
+    dkE = tl.dot(a1t, q16E)
+    dkO = tl.dot(a1t, q16O)
+    dx = tl.dot(tl.trans((scores * w).to(dtype)), dy16)  # (C, P)
 
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     cs_last = tl.min(cs, axis=0)
     to_end = tl.where(tmask, tl.exp(cs_last - cs), 0.0)
     e = to_end * scale
+    gbase = ((b * nc + c) * H + h) * P * 2 * N2 + p[:, None] * 2 * N2 + n[None, :]
     dLE = tl.load(DLOCAL + gbase).to(dtype)
     dLO = tl.load(DLOCAL + gbase + N2).to(dtype)
     dx += e[:, None] * (tl.dot(k16E, tl.trans(dLE)) + tl.dot(k16O, tl.trans(dLO)))
@@ -141,46 +192,38 @@ def _chunk_scan_bwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, DLOC
     dkE += e[:, None] * xdLE
     dkO += e[:, None] * xdLO
     m_loc = (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end  # d scale_i from the local state
-
     if HAS_D:
         dx += tl.load(D + h).to(tl.float32) * dy
         tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dy, axis=1), axis=0))
 
-    # Coefficients: cs enters through the decays, scale and gamma through the weights.
-    pw = tl.where(below, dw * w, 0.0)
-    dcs = tl.sum(pw, axis=1) - tl.sum(pw, axis=0) + inter - m_loc * scale
+    coef = b * s_ab + t * s_at + h * s_ah
+    i = tl.arange(0, C)
+    dcs = tl.load(DCS_PART + coef, mask=tmask, other=0.0) - m_loc * scale
     dcs_last = tl.sum(m_loc * scale, axis=0) + tl.load(DCSL + (b * nc + c) * H + h)
     dcs += tl.where(i == C - 1, dcs_last, 0.0)  # cs_last is cs at the chunk's end (padding adds no decay)
-    da = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs  # cs = cumsum(a): reverse cumulative sum
-    dscale = tl.sum(tl.where(below, dw * decay, 0.0), axis=0) + m_loc
-    dgamma = tl.sum(tl.where(diag, dw, 0.0), axis=1)
-    coef = b * s_ab + t * s_at + h * s_ah
-    tl.store(DA + coef, da, mask=tmask)
-    tl.store(DSCALE + coef, dscale, mask=tmask)
-    tl.store(DGAMMA + coef, dgamma, mask=tmask)
+    tl.store(DA + coef, tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tmask)  # cs = cumsum(a)
+    tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
 
-    # Rotation: gradients w.r.t. the angle, then un-rotate to the biased, un-rotated q and k.
     if HAS_ROT:
-        dth = (qE * dqO - qO * dqE) + (kE * dkO - kO * dkE)  # (C, N/2): d/dtheta of (e c - o s, e s + o c)
+        smask = n < S
+        th_off = ((b * T + t[:, None]) * H + h) * S + n[None, :]
+        th_mask = tmask[:, None] & smask[None, :]
+        dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
         # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
         # (each chunk's total added to all earlier chunks) in the glue.
         total = tl.sum(dth, axis=0)
-        dinc = total[None, :] - tl.cumsum(dth, axis=0) + dth
-        smask = n < S
-        tl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + n[None, :], dinc, mask=tmask[:, None] & smask[None, :])
+        tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
         tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + n, total, mask=smask)
-        dqE, dqO = dqE * cos + dqO * sin, dqO * cos - dqE * sin
         dkE, dkO = dkE * cos + dkO * sin, dkO * cos - dkE * sin
     qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2 + n[None, :]
-    tl.store(DQH + qk_off, dqE, mask=tmask[:, None])
-    tl.store(DQH + qk_off + N2, dqO, mask=tmask[:, None])
     tl.store(DKH + qk_off, dkE, mask=tmask[:, None])
     tl.store(DKH + qk_off + N2, dkO, mask=tmask[:, None])
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 _chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd)
-_chunk_scan_bwd_tuned = tuned(_chunk_scan_bwd)
+_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq)
+_chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"))  # read, then rewritten
 
 
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
@@ -224,9 +267,14 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dtheta = torch.empty(Bsz, T, H, max(S, 1), **f32)
     dtheta_tot = torch.empty(Bsz, nc, H, max(S, 1), **f32)
     dd_part = torch.empty(Bsz, nc, H, **f32)
-    _chunk_scan_bwd_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                   ctx["g_in"], dlocal, dcsl, dy, dqh, dkh, dx, da, dscale, dgamma, dtheta, dtheta_tot, dd_part,
-                                   T, H, S, nc, H // G, *strides, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
+    dcs_part = torch.empty(Bsz, T, H, **f32)
+    common = (T, H, S, nc, H // G, *strides)
+    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], ctx["g_in"], dy,
+                                            dqh, dcs_part, dscale, dgamma, dtheta, *common,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, **flags)
+    _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
+                                              dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dx, da, dtheta_tot, dd_part,
+                                              *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None
