@@ -75,6 +75,22 @@ def _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah):
 
 
 @triton.jit
+def _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc, s_ab, s_at, s_ah, s_ob, s_ot,
+                 C: tl.constexpr, N2: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """What every chunk kernel starts from: token indices, coefficients, and cos/sin of the angles."""
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    n = tl.arange(0, N2)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    cos = 0.0
+    sin = 0.0
+    if HAS_ROT:
+        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        cos, sin = tl.cos(theta), tl.sin(theta)
+    return t, tmask, n, cs, scale, gamma, cos, sin
+
+
+@triton.jit
 def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
                      T, H, S, nc, heads_per_group,
                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
@@ -83,15 +99,9 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    n, p = tl.arange(0, N2), tl.arange(0, P)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
-    cos = 0.0
-    sin = 0.0
-    if HAS_ROT:
-        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
+                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    p = tl.arange(0, P)
     kE, kO = _load_rotated(K, KB, t, tmask, n, b * s_kb + g * s_kg, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
@@ -131,15 +141,9 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    n, p = tl.arange(0, N2), tl.arange(0, P)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
-    cos = 0.0
-    sin = 0.0
-    if HAS_ROT:
-        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
+                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     qE, qO = _load_rotated(Q, QB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
     kE, kO = _load_rotated(K, KB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)

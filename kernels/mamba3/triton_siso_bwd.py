@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hybrid.kernels.mamba3.triton_siso import _angles, _chunk_coeffs, _from_eo, _load_rotated, _to_eo, tuned
+from hybrid.kernels.mamba3.triton_siso import _chunk_setup, _from_eo, _load_rotated, _to_eo, tuned
 
 
 @triton.jit
@@ -38,15 +38,9 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, DY, DG_IN,
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    n, p = tl.arange(0, N2), tl.arange(0, P)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
-    cos = 0.0
-    sin = 0.0
-    if HAS_ROT:
-        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
+                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    p = tl.arange(0, P)
     qE, qO = _load_rotated(Q, QB, t, tmask, n, b * s_kb + g * s_kg, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
     dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     dtype = DY.dtype.element_ty
@@ -81,15 +75,9 @@ def _chunk_bwd_prologue(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b,
                         C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
     """What both backward kernels recompute for one (chunk, head): coefficients, rotated q/k, x, dy."""
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    n, p = tl.arange(0, N2), tl.arange(0, P)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
-    cos = 0.0
-    sin = 0.0
-    if HAS_ROT:
-        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-        cos, sin = tl.cos(theta), tl.sin(theta)
+    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
+                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     qE, qO = _load_rotated(Q, QB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
     kE, kO = _load_rotated(K, KB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
