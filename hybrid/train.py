@@ -62,7 +62,7 @@ class SaveLastOnEnd(L.Callback):
             return
         saved = {getattr(cb, "_last_global_step_saved", -1) for cb in trainer.checkpoint_callbacks}
         if trainer.global_step not in saved:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full training state, to resume from
 
 
 def plain(cfg: Any) -> Any:
