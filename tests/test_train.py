@@ -122,6 +122,20 @@ def test_multirun_survives_failing_job(tmp_path):
     assert len(ids) == 2
 
 
+def test_optuna_learning_rate_search_runs(tmp_path):
+    """The Optuna sweep (sweep_lr_optuna) end to end at toy size: trials run, each is recorded."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    env = {**os.environ, "HYBRID_LOG_DIR": str(tmp_path), "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "hybrid.train", "-m", "experiment=sweep_lr_optuna", *TINY, "trainer.max_steps=4",
+           "trainer.val_check_interval=2", "logger=csv", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "sweep_name=opt"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Best parameters" in proc.stdout + proc.stderr
+    records = [json.loads(p.read_text()) for p in (tmp_path / "train" / "multiruns" / "opt").glob("*/record.json")]
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    assert len({r["config"]["optim"]["lr"] for r in records}) == 2
+
+
 def test_cli_lists_layers():
     out = subprocess.run([sys.executable, "-m", "hybrid.train", "--list-layers"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "attention [attention]" in out.stdout and "swiglu" in out.stdout
