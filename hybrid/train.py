@@ -203,6 +203,8 @@ def _train(config: dict, run_dir: Path, record: RunRecord) -> dict[str, float]:
         if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint) and cb.best_model_score is not None:
             metrics[f"best/{cb.monitor}"] = float(cb.best_model_score)
     metrics["global_step"] = float(trainer.global_step)
+    if wb is not None:  # final and best metrics in the W&B summary, so workspace panels can use them directly
+        wb.experiment.summary.update({k: v for k, v in metrics.items() if k.startswith("best/")})
     record.finish(metrics)
     return metrics
 
