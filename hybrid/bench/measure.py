@@ -1,0 +1,131 @@
+"""One measurement point each: a training step, a prefill, a run of decode steps, cache sizes.
+
+Each function measures one (pattern, length[, batch]) point and returns a JSON-able row; out-of-memory
+is left to propagate so ``run`` can record it and move on. ``prefill`` is a module-level function so
+tests can replace it (e.g. to simulate an OOM at one length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from hybrid.bench.timing import median_seconds, peak_bytes
+from hybrid.layers.sliding import KVCache
+from hybrid.model import HybridLM
+from hybrid.registry import MIXERS
+
+
+def n_attention_layers(model: HybridLM) -> int:
+    """Layers whose mixer is registered ``is_attention`` (the ones that pay the T^2 attention FLOPs)."""
+    return sum(1 for s in model.pattern.layers if s.mixer is not None and MIXERS.get(s.mixer).is_attention)
+
+
+def random_tokens(model: HybridLM, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, model.cfg.vocab_size, (batch, length), device=device)  # (B, T)
+
+
+def cache_bytes(cache) -> dict[str, int]:
+    """Bytes per sequence of an allocated InferenceCache, split into KV (attention keys/values) and the rest (state).
+
+    Walks the per-layer cache objects (dataclasses, tuples, dicts) and counts each storage once.
+    """
+    seen: set[int] = set()
+    totals = {"kv_bytes": 0, "state_bytes": 0}
+
+    def walk(obj, kind: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                totals[kind] += obj.untyped_storage().nbytes()
+        elif isinstance(obj, KVCache):
+            walk(obj.k, "kv_bytes")
+            walk(obj.v, "kv_bytes")
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for f in dataclasses.fields(obj):
+                walk(getattr(obj, f.name), kind)
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x, kind)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                walk(x, kind)
+
+    walk(cache.layers, "state_bytes")
+    return {k: v // cache.batch_size for k, v in totals.items()}
+
+
+def train_throughput(model: HybridLM, batch: int, context: int, device: torch.device, warmup: int, repeats: int,
+                     peak_tflops: float) -> dict:
+    """Tokens/s of forward + backward (no optimizer step) and MFU; bf16 autocast on CUDA, fp32 on the CPU.
+
+    FLOPs per step = 6 * params * tokens + 12 * n_attn_layers * d_model * T * tokens (the attention
+    scores and weighted sum, forward and backward). Sliding-window and routed attention do less; the
+    formula still counts them as dense, so their MFU is an upper bound.
+    """
+    model.train()
+    tokens = random_tokens(model, batch, context, device)  # (B, T)
+    targets = random_tokens(model, batch, context, device)  # (B, T)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with amp:
+            logits = model(tokens)  # (B, T, vocab)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            aux = model.aux_loss()
+            if aux is not None:
+                loss = loss + aux
+        loss.backward()
+
+    seconds = median_seconds(step, device, warmup, repeats)
+    model.zero_grad(set_to_none=True)
+    n_tokens = batch * context
+    flops = 6 * model.num_params() * n_tokens + 12 * n_attention_layers(model) * model.cfg.d_model * context * n_tokens
+    mfu = flops / seconds / (peak_tflops * 1e12) if device.type == "cuda" else None
+    return {"batch": batch, "context": context, "seconds_per_step": seconds, "tokens_per_s": n_tokens / seconds,
+            "flops_per_step": flops, "mfu": mfu}
+
+
+@torch.no_grad()
+def prefill(model: HybridLM, tokens: torch.Tensor) -> torch.Tensor:
+    """One full-sequence forward without a cache: (B, T) -> (B, T, vocab)."""
+    return model(tokens)
+
+
+def prefill_point(model: HybridLM, length: int, batch: int, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Median prefill latency at one length, then its peak memory above the weights (one more, untimed pass)."""
+    from hybrid.bench import measure  # late lookup: a monkeypatched ``measure.prefill`` is the one called
+
+    tokens = random_tokens(model, batch, length, device)  # (B, L)
+    seconds = median_seconds(lambda: measure.prefill(model, tokens), device, warmup, repeats)
+    peak, how = peak_bytes(lambda: measure.prefill(model, tokens), device)
+    return {"length": length, "batch": batch, "seconds": seconds, "tokens_per_s": batch * length / seconds,
+            "peak_bytes": peak, "peak_source": how}
+
+
+@torch.no_grad()
+def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device: torch.device, warmup: int) -> dict:
+    """Per-token decode latency with the cache pre-filled to ``length`` tokens.
+
+    allocate_cache(batch, length + warmup + n) -> prefill ``length`` tokens -> ``warmup`` untimed steps ->
+    ``n_tokens`` timed single-token steps; the median step time is the latency.
+    """
+    from hybrid.bench import measure
+
+    cache = model.allocate_cache(batch, length + warmup + n_tokens)
+    measure.prefill_cached(model, random_tokens(model, batch, length, device), cache)
+    step_tokens = random_tokens(model, batch, 1, device)  # (B, 1)
+    seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
+    return {"length": length, "batch": batch, "seconds_per_token": seconds, "tokens_per_s": batch / seconds,
+            "cache": cache_bytes(cache)}
+
+
+@torch.no_grad()
+def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache) -> None:
+    """Fill ``cache`` with ``tokens`` (B, L) in one pass (the prompt of a decode measurement)."""
+    model(tokens, cache=cache)

@@ -1,0 +1,119 @@
+"""hybrid-bench end to end on the cpu_smoke preset, plus OOM handling and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from hybrid.bench import measure
+from hybrid.bench.cli import bench
+from hybrid.bench.fit import loglog_slope
+from hybrid.registry import ConfigError
+
+
+def smoke_cfg(*overrides: str):
+    with initialize_config_module("hybrid.conf", version_base="1.3"):
+        return compose("bench", overrides=["bench=cpu_smoke", *overrides])
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    path = bench(smoke_cfg(), out)
+    assert (out / "bench.html").stat().st_size > 0
+    return json.loads(path.read_text())
+
+
+def test_report_has_every_pattern_length_and_fit(report):
+    assert report["device"] == "cpu" and report["note"]
+    assert report["lengths"] == [16, 32, 64]
+    assert [p["canonical"] for p in report["patterns"]] == ["AA", "MM", "MA"]
+    for p in report["patterns"]:
+        assert p["train"]["tokens_per_s"] > 0 and p["train"]["mfu"] is None  # no MFU on the CPU
+        assert [r["length"] for r in p["prefill"]] == [16, 32, 64]
+        assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in p["prefill"])
+        assert set(p["decode"]) == {"1", "4"}
+        for rows in p["decode"].values():
+            assert [r["length"] for r in rows] == [16, 32, 64]
+            assert all(r["seconds_per_token"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+        for key in ("prefill_time_slope", "prefill_memory_slope", "decode_latency_slope"):
+            assert isinstance(p["fits"][key], float)
+
+
+def test_state_and_kv_bytes(report):
+    by = {p["canonical"]: p for p in report["patterns"]}
+    assert by["MM"]["memory"]["summary"]["recurrent_state_bytes"] > 0
+    assert by["MM"]["memory"]["measured"]["state_bytes"] == by["MM"]["memory"]["summary"]["recurrent_state_bytes"]
+    assert by["MM"]["memory"]["measured"]["kv_bytes_per_token"] == 0
+    assert by["AA"]["memory"]["summary"]["kv_bytes_per_token"] > 0
+    assert by["AA"]["memory"]["measured"]["kv_bytes_per_token"] == by["AA"]["memory"]["summary"]["kv_bytes_per_token"]
+    kv = [r["cache"]["kv_bytes"] for r in by["AA"]["decode"]["1"]]
+    assert kv == sorted(kv) and kv[0] < kv[-1]  # the KV cache grows with the context, the state does not
+    assert len({r["cache"]["state_bytes"] for r in by["MM"]["decode"]["1"]}) == 1
+
+
+def test_oom_is_recorded_and_run_continues(tmp_path, monkeypatch):
+    real = measure.prefill
+
+    def fake(model, tokens):
+        if tokens.shape[1] == 32 and model.pattern.canonical == "AA":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, tokens)
+
+    real_train = measure.train_throughput
+
+    def fake_train(model, *args):
+        if model.pattern.canonical == "MM":
+            raise RuntimeError("CUDA error: out of memory (simulated)")  # the plain-RuntimeError form
+        return real_train(model, *args)
+
+    monkeypatch.setattr(measure, "prefill", fake)
+    monkeypatch.setattr(measure, "train_throughput", fake_train)
+    rep = json.loads(bench(smoke_cfg("bench.patterns=[AA,MM]", "plot=false"), tmp_path).read_text())
+    aa, mm = rep["patterns"]
+    assert aa["prefill"][0]["seconds"] > 0
+    assert aa["prefill"][1] == {"length": 32, "oom": True}
+    assert aa["prefill"][2] == {"length": 64, "oom": True, "skipped": True}
+    assert aa["fits"]["prefill_time_slope"] is None  # one point left: no fit, not a crash
+    assert len(aa["decode"]["1"]) == 3 and not any(r.get("oom") for r in aa["decode"]["1"])  # other series unaffected
+    assert not any(r.get("oom") for r in mm["prefill"])  # the next pattern is measured
+    assert mm["train"] == {"oom": True} and aa["train"]["tokens_per_s"] > 0
+
+
+def test_runtime_error_that_is_not_oom_propagates(tmp_path, monkeypatch):
+    monkeypatch.setattr(measure, "prefill", lambda model, tokens: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        bench(smoke_cfg("bench.patterns=[MM]", "plot=false"), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["bench.patterns=[AA,MQ]"], "Q"),
+    (["bench.min_len=128", "bench.max_len=64"], "min_len"),
+    (["+bench.bogus=1"], "bogus"),
+])
+def test_bad_input_fails_before_measuring(tmp_path, monkeypatch, overrides, message):
+    def never(*args, **kwargs):
+        raise AssertionError("measured before validation")
+
+    monkeypatch.setattr(measure, "train_throughput", never)
+    with pytest.raises(ConfigError, match=message):
+        bench(smoke_cfg(*overrides), tmp_path)
+
+
+def test_loglog_slope():
+    assert loglog_slope([(n, 3.0 * n * n) for n in (16, 32, 64)], 16) == pytest.approx(2.0)
+    assert loglog_slope([(n, 5.0 * n) for n in (16, 32, 64)], 32) == pytest.approx(1.0)
+    assert loglog_slope([(16, 1.0), (32, None)], 16) is None
+
+
+def test_cli_exits_2_on_bad_pattern(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "hybrid.bench.cli", "bench=cpu_smoke", "bench.patterns=[AQ]",
+                           f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error" in proc.stdout + proc.stderr
