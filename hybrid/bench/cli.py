@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from hybrid.bench.config import bench_config
-from hybrid.bench.plot import write_html
 from hybrid.bench.run import run_bench
 from hybrid.registry import ConfigError
 
@@ -35,7 +34,12 @@ def bench(cfg: DictConfig | dict, out_dir: Path) -> Path:
     path = out_dir / "bench.json"
     path.write_text(json.dumps(report, indent=1))
     if plain.get("plot", True):
-        write_html(report, out_dir / "bench.html")
+        try:  # plotly is optional (the `dashboard`/`dev` extras): a GPU box may only have torch
+            from hybrid.bench.plot import write_html
+        except ImportError:
+            log.warning("plotly is not installed: no bench.html (the JSON report has every number)")
+        else:
+            write_html(report, out_dir / "bench.html")
     return path
 
 

@@ -96,7 +96,8 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                      C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                      HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
@@ -118,7 +119,7 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
 
 @triton.jit
 def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.constexpr):
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
@@ -138,7 +139,8 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
                     C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                     HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
                     HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
@@ -325,7 +327,7 @@ def _step_kernel(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, ANGLE, SSM, KC, VC, Y,
     One program owns a (sequence, head) so that every cache entry is read before it is overwritten; the
     (P, N) state streams through in (BP, N) row blocks in natural channel order (coalesced).
     """
-    b, h = tl.program_id(0), tl.program_id(1)
+    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     g = h // heads_per_group
     n = tl.arange(0, N)
     partner = n ^ 1

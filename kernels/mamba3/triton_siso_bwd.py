@@ -35,7 +35,8 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, DY, DG_IN,
                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                       C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                       HAS_QB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    c, bh = tl.program_id(0), tl.program_id(1)
+    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
@@ -53,7 +54,7 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, DY, DG_IN,
 @triton.jit
 def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H, nc, PN, nblk,
                        BLOCK: tl.constexpr):
-    bh, blk = tl.program_id(0), tl.program_id(1)
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     m = offs < PN
@@ -109,7 +110,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head), the decay/scale/gamma terms of the intra and
     inter parts, and the query half of d angle."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
         Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
@@ -153,7 +155,8 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
                          HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
     """Key/value side of chunk c: dk (un-rotated, per head), dx, the local-state terms, d log-decay (reverse
     cumulative sum of everything d cs), d scale, d D, and d angle (completed and reverse-summed)."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
         Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
