@@ -239,3 +239,25 @@ def test_gpu_model_triton_backend_trains_and_decodes_like_torch():
         out_fast = fast.generate(tokens[:, :50], 20)
         out_ref = ref.generate(tokens[:, :50], 20)
     assert (out_fast == out_ref).float().mean() > 0.9  # greedy decoding; bf16 may flip a near-tie
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    """Chunk-state tensors of more than 2**31 elements (8 x 64k tokens x 48 heads): the last sequence of
+    the batch must come out exactly as when it is run alone (offset arithmetic is 64-bit)."""
+    B, T, G, H, N, P, S = 8, 65536, 1, 48, 128, 64, 32
+    assert B * (T // 64) * H * P * N > 2**31
+    inp, _ = make(B=2, T=16, G=G, H=H, N=N, P=P, S=S, init=False, dtype=torch.float32, device="cuda")  # biases, D
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dt = 0.001 + 0.1 * torch.rand(B, T, H, device="cuda", generator=gen)
+    big = dict(q=torch.randn(B, T, G, N, device="cuda", generator=gen, dtype=torch.bfloat16),
+               k=torch.randn(B, T, G, N, device="cuda", generator=gen, dtype=torch.bfloat16),
+               v=torch.randn(B, T, H, P, device="cuda", generator=gen, dtype=torch.bfloat16),
+               log_decay=-dt, dt=dt, lam=torch.rand(B, T, H, device="cuda", generator=gen),
+               omega=torch.randn(B, T, S, device="cuda", generator=gen).tanh() * math.pi,
+               q_bias=inp["q_bias"], k_bias=inp["k_bias"], D=inp["D"])
+    y, state = mamba3_siso_chunk_fwd(**big, chunk_size=64)
+    last = {k: (v[-1:] if v.shape[0] == B else v) for k, v in big.items()}
+    y1, state1 = mamba3_siso_chunk_fwd(**last, chunk_size=64)
+    assert torch.equal(y[-1:], y1)
+    assert torch.equal(state.ssm[-1:], state1.ssm)
