@@ -212,10 +212,14 @@ class ParsedPattern:
         return f"pure-{self.layers[0].symbol}" if self.is_pure else "hybrid"
 
     @property
+    def n_attention_layers(self) -> int:
+        """Layers whose mixer is registered ``is_attention`` (the ones that pay attention's T^2 cost)."""
+        return sum(1 for spec in self.layers if spec.mixer is not None and MIXERS.get(spec.mixer).is_attention)
+
+    @property
     def attention_fraction(self) -> float:
         """Fraction of all layers (FFN-only ones included) whose mixer is registered ``is_attention``."""
-        n_attn = sum(1 for spec in self.layers if spec.mixer is not None and MIXERS.get(spec.mixer).is_attention)
-        return n_attn / self.n_layers
+        return self.n_attention_layers / self.n_layers
 
     def summary(self, d_model: int, dtype_bytes: int = 2) -> dict[str, Any]:
         """JSON-able description for logs and dashboards; inference memory is per sequence.

@@ -16,12 +16,6 @@ import torch.nn.functional as F
 from hybrid.bench.timing import median_seconds, peak_bytes
 from hybrid.layers.sliding import KVCache
 from hybrid.model import HybridLM
-from hybrid.registry import MIXERS
-
-
-def n_attention_layers(model: HybridLM) -> int:
-    """Layers whose mixer is registered ``is_attention`` (the ones that pay the T^2 attention FLOPs)."""
-    return sum(1 for s in model.pattern.layers if s.mixer is not None and MIXERS.get(s.mixer).is_attention)
 
 
 def random_tokens(model: HybridLM, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -85,7 +79,7 @@ def train_throughput(model: HybridLM, batch: int, context: int, device: torch.de
     seconds = median_seconds(step, device, warmup, repeats)
     model.zero_grad(set_to_none=True)
     n_tokens = batch * context
-    flops = 6 * model.num_params() * n_tokens + 12 * n_attention_layers(model) * model.cfg.d_model * context * n_tokens
+    flops = 6 * model.num_params() * n_tokens + 12 * model.pattern.n_attention_layers * model.cfg.d_model * context * n_tokens
     mfu = flops / seconds / (peak_tflops * 1e12) if device.type == "cuda" else None
     return {"batch": batch, "context": context, "seconds_per_step": seconds, "tokens_per_s": n_tokens / seconds,
             "flops_per_step": flops, "mfu": mfu}

@@ -63,7 +63,7 @@ def bench_pattern(bc: BenchConfig, pattern, device: torch.device) -> dict:
     lengths, w, r = bc.lengths, bc.warmup, bc.repeats
     name = model.pattern.canonical
     out: dict = {"pattern": pattern if isinstance(pattern, str) else name, "canonical": name,
-                 "n_params": model.num_params(), "n_attention_layers": measure.n_attention_layers(model)}
+                 "n_params": model.num_params(), "n_attention_layers": model.pattern.n_attention_layers}
     log.info("%s: %.2fM parameters", name, out["n_params"] / 1e6)
     out["train"] = guarded(lambda: measure.train_throughput(model, bc.train_batch, bc.train_context, device, w, r,
                                                             bc.peak_tflops), device, f"{name} train")

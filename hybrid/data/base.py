@@ -101,10 +101,16 @@ class Task:
     def score(self, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Metrics from argmax predictions ``pred`` (B, T). Kept separate from ``metrics`` so evaluation
         can score a whole test set at once (exact slice averages) without holding its logits."""
-        labels = batch["labels"]
-        scored = labels != IGNORE
-        correct = (pred == labels) & scored
-        return {"acc": correct.sum().float() / scored.sum().clamp(min=1), "n_scored": scored.sum().float()}
+        return base_scores(pred, batch)[0]
+
+
+def base_scores(pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``{"acc", "n_scored"}`` and the (B, T) masks ``correct`` and ``scored``."""
+    labels = batch["labels"]
+    scored = labels != IGNORE
+    correct = (pred == labels) & scored
+    n = scored.sum()
+    return {"acc": correct.sum().float() / n.clamp(min=1), "n_scored": n.float()}, correct, scored
 
 
 def build_task(cfg: Any) -> Task:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hybrid.data.base import IGNORE
+from hybrid.data.base import IGNORE, base_scores  # noqa: F401  (re-exported for the task modules)
 
 
 def distinct(rng: np.random.Generator, n: int, k: int, low: int, high: int) -> np.ndarray:
@@ -59,15 +59,6 @@ def is_eval_batch(batch: dict[str, torch.Tensor]) -> bool:
     """Training batches carry ``batch_index``; sliced metrics are computed only on evaluation batches,
     so the training log stays small and training steps stay cheap."""
     return "batch_index" not in batch
-
-
-def base_scores(pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``{"acc", "n_scored"}`` and the (B, T) masks ``correct`` and ``scored``."""
-    labels = batch["labels"]
-    scored = labels != IGNORE
-    correct = (pred == labels) & scored
-    n = scored.sum()
-    return {"acc": correct.sum().float() / n.clamp(min=1), "n_scored": n.float()}, correct, scored
 
 
 def scaled(acc: torch.Tensor, chance: float) -> torch.Tensor:

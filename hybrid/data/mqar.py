@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hybrid.data.base import IGNORE, Task
+from hybrid.data.common import distinct, powerlaw_slots
 from hybrid.registry import ConfigError, register_task
 
 
@@ -60,15 +61,11 @@ class MQAR(Task):
         cfg = self.cfg
         K, L, V = cfg.num_kv_pairs, cfg.seq_len, cfg.vocab_size
         half = V // 2
-        # K distinct keys and values per row: the first K of a random permutation.
-        keys = 1 + np.argsort(rng.random((n, half - 1)), axis=1)[:, :K]  # (n, K) in [1, V/2)
-        values = half + np.argsort(rng.random((n, V - half)), axis=1)[:, :K]  # (n, K) in [V/2, V)
+        keys = distinct(rng, n, K, 1, half)  # (n, K) in [1, V/2)
+        values = distinct(rng, n, K, half, V)  # (n, K) in [V/2, V)
         seq = np.zeros((n, L + 1), dtype=np.int64)  # one extra token: labels are inputs shifted by one
         seq[:, 0:2 * K:2], seq[:, 1:2 * K:2] = keys, values
-        # Query slots: power-law gaps without replacement, via the Gumbel top-k trick.
-        slots = (L + 1 - 2 * K) // 2
-        log_w = (cfg.power_a - 1) * np.log(np.arange(1, slots + 1))
-        gaps = np.argsort(-(log_w + rng.gumbel(size=(n, slots))), axis=1)[:, :K]  # (n, K), key i -> gap
+        gaps = powerlaw_slots(rng, n, (L + 1 - 2 * K) // 2, K, cfg.power_a)  # (n, K): key i -> query slot
         pos = 2 * K + 2 * gaps  # (n, K) query positions
         rows = np.arange(n)[:, None]
         seq[rows, pos], seq[rows, pos + 1] = keys, values
