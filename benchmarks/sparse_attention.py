@@ -9,8 +9,10 @@ Rows (each time is the median ms of forward + backward; ratios divide the dense 
 * ``swa_flash``: flash-attn with window_size=(W-1, 0), when flash-attn is importable;
 * ``swa_flex``: FlexAttention with the band BlockMask; ``+plan`` rows rebuild the mask every call,
   as the layer does; kernel-only rows reuse one prebuilt mask;
-* ``topk_flex_tile128``: block top-k (64-token blocks, top-8, one selection per query block) through
-  FlexAttention (BlockMask tiles of 128); ``topk_gather``: the same plan in MoBA's gathered layout (each
+* ``topk_flex_tile128`` / ``_tile64``: block top-k (64-token blocks, top-8, one selection per query
+  block) through FlexAttention (BlockMask tiles of 128, or 64 = one key block per tile, compiled with
+  autotuning because Flex's default sm90 backward config needs 128-row tiles); ``topk_gather``: the
+  same plan in MoBA's gathered layout (each
   query block attends densely to [its 8 gathered blocks ; itself causally] via SDPA); ``+plan`` rows
   include the top-k selection from q and k.
 
@@ -107,9 +109,7 @@ def main() -> None:
     allowed, causal = pair_counts(swa_plan)
     if report["flash_attn"]:
         add("swa_flash", fwd_bwd(lambda a, b, c: attention_flash(a, b, c, W), q, k, v), pair_density=allowed / causal)
-    # BlockMask tiles of 64 do not compile for the backward on sm90 with the default Flex configs
-    # (they need 128 x 128), so only 128 is timed.
-    for tile in (128,):
+    for tile in (128, 64):
         mask = plan_block_mask(swa_plan, H, tile)
         add(f"swa_flex_tile{tile}", fwd_bwd(lambda a, b, c, m=mask, t=tile: attention_flex(a, b, c, swa_plan, t, m), q, k, v),
             pair_density=allowed / causal)
@@ -119,7 +119,7 @@ def main() -> None:
     with torch.no_grad():
         plan = block_topk_plan(q.detach(), k.detach(), torch.arange(T, device=dev), cfg, None)
     allowed, causal = pair_counts(plan)
-    for tile in (128,):
+    for tile in (128, 64):  # 64: one key block per tile, compiled with autotuning (see attention_flex)
         mask = plan_block_mask(plan, H, tile)
         add(f"topk_flex_tile{tile}", fwd_bwd(lambda a, b, c, m=mask, t=tile: attention_flex(a, b, c, plan, t, m), q, k, v),
             pair_density=allowed / causal)
@@ -129,6 +129,7 @@ def main() -> None:
         return attention_flex(a, b, c, p, tile)
 
     add("topk_flex_tile128+plan", fwd_bwd(topk_with_plan, q, k, v))
+    add("topk_flex_tile64+plan", fwd_bwd(lambda a, b, c: topk_with_plan(a, b, c, 64), q, k, v))
     sel = plan.sel[:, :, ::blk]  # one selection per query block
     add("topk_gather", fwd_bwd(lambda a, b, c: attention_gathered(a, b, c, sel, blk, blk), q, k, v),
         pair_density=allowed / causal)

@@ -32,7 +32,7 @@ try:  # FlexAttention: torch >= 2.5
 except ImportError:  # pragma: no cover - old torch
     BlockMask = flex_attention = None
 
-_compiled_flex = None
+_compiled_flex: dict[str, object] = {}  # compile mode -> compiled flex_attention
 _SCORE_CHUNK = 1 << 24  # elements of one (B, Hkv, rows, blocks) score slab: caps top-k memory at long T
 
 
@@ -352,16 +352,18 @@ def _topk_mask_mod(lo, sel, bid, groups):
 def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SparsePlan, tile: int = 128,
                    block_mask=None) -> torch.Tensor:
     """FlexAttention (compiled on CUDA, eager elsewhere: forward only on CPU)."""
-    global _compiled_flex
     if flex_attention is None:
         raise RuntimeError("FlexAttention needs torch >= 2.5")
     if block_mask is None:
         block_mask = plan_block_mask(plan, q.shape[1], tile)
     fn = flex_attention
     if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        fn = _compiled_flex
+        # Tiles under 128: Flex's default sm90 backward config needs 128-row sparse blocks and would skip
+        # every choice, so those compile with autotuning, whose search space holds 32- and 64-row configs.
+        mode = "max-autotune-no-cudagraphs" if min(block_mask.BLOCK_SIZE) < 128 else "default"
+        if mode not in _compiled_flex:
+            _compiled_flex[mode] = torch.compile(flex_attention, dynamic=False, mode=mode)
+        fn = _compiled_flex[mode]
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 

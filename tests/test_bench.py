@@ -29,18 +29,33 @@ def report(tmp_path_factory):
 
 def test_report_has_every_pattern_length_and_fit(report):
     assert report["device"] == "cpu" and report["note"]
-    assert report["lengths"] == [16, 32, 64]
+    assert report["lengths"] == [16, 32, 48, 64]  # the doubling ladder plus extra_lengths
     assert [p["canonical"] for p in report["patterns"]] == ["AA", "MM", "MA"]
     for p in report["patterns"]:
-        assert p["train"]["tokens_per_s"] > 0 and p["train"]["mfu"] is None  # no MFU on the CPU
-        assert [r["length"] for r in p["prefill"]] == [16, 32, 64]
+        assert [(r["context"], r["batch"]) for r in p["train"]] == [(32, 4), (64, 2)]  # train_tokens 128 per step
+        assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in p["train"])  # no MFU on the CPU
+        assert [r["length"] for r in p["prefill"]] == [16, 32, 48, 64]
         assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in p["prefill"])
         assert set(p["decode"]) == {"1", "4"}
         for rows in p["decode"].values():
-            assert [r["length"] for r in rows] == [16, 32, 64]
+            assert [r["length"] for r in rows] == [16, 32, 48, 64]
             assert all(r["seconds_per_token"] > 0 and r["tokens_per_s"] > 0 for r in rows)
         for key in ("prefill_time_slope", "prefill_memory_slope", "decode_latency_slope"):
             assert isinstance(p["fits"][key], float)
+
+
+def test_backends_and_ratios_against_the_baseline(report):
+    by = {p["canonical"]: p for p in report["patterns"]}
+    assert by["MM"]["backends"] == {"Mamba3": "torch"}  # "auto" never picks Triton on the CPU
+    assert by["AA"]["backends"]["Attention"].startswith("auto")
+    vs = report["versus_baseline"]
+    assert vs["baseline"] == "AA" and set(vs["patterns"]) == {"MM", "MA"}
+    mm = vs["patterns"]["MM"]
+    base_tps = by["AA"]["train"][0]["tokens_per_s"]
+    assert mm["train_tokens_per_s"]["32"] == pytest.approx(by["MM"]["train"][0]["tokens_per_s"] / base_tps)
+    assert mm["decode_speedup"]["1"]["64"] == pytest.approx(
+        by["AA"]["decode"]["1"][-1]["seconds_per_token"] / by["MM"]["decode"]["1"][-1]["seconds_per_token"])
+    assert set(mm["prefill_speedup"]) == set(mm["prefill_memory"]) == {"16", "32", "48", "64"}
 
 
 def test_state_and_kv_bytes(report):
@@ -76,23 +91,28 @@ def test_oom_is_recorded_and_run_continues(tmp_path, monkeypatch):
     aa, mm = rep["patterns"]
     assert aa["prefill"][0]["seconds"] > 0
     assert aa["prefill"][1] == {"length": 32, "oom": True}
-    assert aa["prefill"][2] == {"length": 64, "oom": True, "skipped": True}
+    assert aa["prefill"][2:] == [{"length": n, "oom": True, "skipped": True} for n in (48, 64)]
     assert aa["fits"]["prefill_time_slope"] is None  # one point left: no fit, not a crash
-    assert len(aa["decode"]["1"]) == 3 and not any(r.get("oom") for r in aa["decode"]["1"])  # other series unaffected
+    assert len(aa["decode"]["1"]) == 4 and not any(r.get("oom") for r in aa["decode"]["1"])  # other series unaffected
     assert not any(r.get("oom") for r in mm["prefill"])  # the next pattern is measured
-    assert mm["train"] == {"oom": True} and aa["train"]["tokens_per_s"] > 0
+    assert all(r["oom"] for r in mm["train"]) and aa["train"][0]["tokens_per_s"] > 0
+    ratios = rep["versus_baseline"]["patterns"]["MM"]
+    assert ratios["train_tokens_per_s"]["32"] == {"oom": ["pattern"]}
+    assert ratios["prefill_speedup"]["32"] == {"oom": ["baseline"]}
 
 
 def test_runtime_error_that_is_not_oom_propagates(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "prefill", lambda model, tokens: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        bench(smoke_cfg("bench.patterns=[MM]", "plot=false"), tmp_path)
+        bench(smoke_cfg("bench.patterns=[MM]", "bench.baseline=null", "plot=false"), tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["bench.patterns=[AA,MQ]"], "Q"),
     (["bench.min_len=128", "bench.max_len=64"], "min_len"),
     (["+bench.bogus=1"], "bogus"),
+    (["bench.baseline=MMMM"], "baseline"),
+    (["bench.train_contexts=[]"], "train_contexts"),
 ])
 def test_bad_input_fails_before_measuring(tmp_path, monkeypatch, overrides, message):
     def never(*args, **kwargs):

@@ -18,14 +18,15 @@ class BenchConfig:
     model: dict = field(default_factory=dict)  # extra ModelConfig fields (symbols, ffn, ...) shared by all patterns
     device: str = "auto"  # auto = cuda when available, else cpu
     seed: int = 0
-    # training throughput
-    train_batch: int = 8
-    train_context: int = 2048
+    # training throughput: one point per context, each step holding about train_tokens tokens
+    train_contexts: list = field(default_factory=lambda: [2048])
+    train_tokens: int = 16384  # batch = max(1, train_tokens // context)
     peak_tflops: float = 989.0  # H100 SXM dense bf16; MFU is null on the CPU
     # prefill
     min_len: int = 1024
     max_len: int = 131072
     prefill_batch: int = 1
+    extra_lengths: list = field(default_factory=list)  # off-ladder lengths (e.g. 102400) for prefill and decode
     # decode
     decode_batches: list = field(default_factory=lambda: [1, 16])
     decode_tokens: int = 32  # timed single-token steps after the cache is filled
@@ -34,10 +35,12 @@ class BenchConfig:
     repeats: int = 5
     # fits: log-log slopes over lengths >= fit_min_len (null = the top half of the measured lengths)
     fit_min_len: int | None = None
+    # ratios of every pattern against this one (null = the first pattern with the most attention layers)
+    baseline: str | None = None
 
     def __post_init__(self):
-        for name in ("d_model", "vocab_size", "train_batch", "train_context", "min_len", "max_len", "prefill_batch",
-                     "decode_tokens", "repeats"):
+        for name in ("d_model", "vocab_size", "train_tokens", "min_len", "max_len", "prefill_batch", "decode_tokens",
+                     "repeats"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"bench.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
@@ -47,6 +50,12 @@ class BenchConfig:
                               f"lengths double from min_len up to max_len, so min_len <= max_len")
         if not self.patterns:
             raise ConfigError("bench.patterns is empty: give at least one layer pattern, e.g. [AA, MM]")
+        if not self.train_contexts or any(int(c) < 1 for c in self.train_contexts):
+            raise ConfigError(f"bench.train_contexts must be a non-empty list of lengths >= 1, got {self.train_contexts}")
+        if any(int(n) < 1 for n in self.extra_lengths):
+            raise ConfigError(f"bench.extra_lengths must hold lengths >= 1, got {self.extra_lengths}")
+        if self.baseline is not None and self.baseline not in self.patterns:
+            raise ConfigError(f"bench.baseline {self.baseline!r} is not one of bench.patterns {self.patterns}")
         if not self.decode_batches or any(int(b) < 1 for b in self.decode_batches):
             raise ConfigError(f"bench.decode_batches must be a non-empty list of sizes >= 1, got {self.decode_batches}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
@@ -56,12 +65,15 @@ class BenchConfig:
 
     @property
     def lengths(self) -> list[int]:
-        """min_len, 2*min_len, ... up to max_len (inclusive when it lies on the doubling ladder)."""
+        """min_len, 2*min_len, ... up to max_len (inclusive when it lies on the doubling ladder), plus extra_lengths."""
         out, n = [], self.min_len
         while n <= self.max_len:
             out.append(n)
             n *= 2
-        return out
+        return sorted(set(out) | {int(n) for n in self.extra_lengths})
+
+    def train_batch(self, context: int) -> int:
+        return max(1, self.train_tokens // context)
 
     def model_cfg(self, pattern: Any):
         """The ModelConfig of one pattern; pattern or mixer problems raise ConfigError."""

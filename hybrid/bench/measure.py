@@ -123,3 +123,21 @@ def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device
 def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache) -> None:
     """Fill ``cache`` with ``tokens`` (B, L) in one pass (the prompt of a decode measurement)."""
     model(tokens, cache=cache)
+
+
+def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
+    """Which implementation each kind of mixer runs on ``device`` (timings mean little without it)."""
+    from hybrid.kernels.attention import flash_available
+
+    probe = torch.zeros(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out: dict[str, str] = {}
+    for module in model.modules():  # routers and fusion blocks nest their SSM and attention: walk everything
+        name, cfg = type(module).__name__, getattr(module, "cfg", None)
+        if hasattr(module, "_use_triton"):  # Mamba-3: Triton kernels or the PyTorch reference
+            out[name] = "triton" if module._use_triton(probe, None) else "torch"
+        elif cfg is not None and isinstance(getattr(cfg, "backend", None), str):
+            backend = cfg.backend
+            if backend == "auto":
+                backend = "auto (flash-attn)" if flash_available(probe) else "auto (sdpa/flex)"
+            out[name] = backend
+    return out

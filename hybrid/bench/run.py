@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from hybrid.bench import measure
+from hybrid.bench.compare import against_baseline
 from hybrid.bench.config import BenchConfig
 from hybrid.bench.fit import fit_range, loglog_slope
 from hybrid.bench.timing import free_memory, is_oom
@@ -65,8 +66,10 @@ def bench_pattern(bc: BenchConfig, pattern, device: torch.device) -> dict:
     out: dict = {"pattern": pattern if isinstance(pattern, str) else name, "canonical": name,
                  "n_params": model.num_params(), "n_attention_layers": model.pattern.n_attention_layers}
     log.info("%s: %.2fM parameters", name, out["n_params"] / 1e6)
-    out["train"] = guarded(lambda: measure.train_throughput(model, bc.train_batch, bc.train_context, device, w, r,
-                                                            bc.peak_tflops), device, f"{name} train")
+    out["backends"] = measure.backends(model, device)
+    out["train"] = [{"context": c, **guarded(lambda c=c: measure.train_throughput(model, bc.train_batch(c), c, device, w, r,
+                                                                               bc.peak_tflops), device, f"{name} train at {c}")}
+                    for c in bc.train_contexts]
     model.to(infer_dtype).eval()
     summary = model.pattern.summary(bc.d_model, dtype_bytes=torch.finfo(infer_dtype).bits // 8)
     probe = measure.cache_bytes(model.allocate_cache(1, bc.min_len))
@@ -114,4 +117,5 @@ def run_bench(bc: BenchConfig) -> dict:
         entry = guarded(lambda pattern=pattern: bench_pattern(bc, pattern, device), device, f"{pattern}")
         report["patterns"].append(entry if not entry.get("oom") else {"pattern": pattern, "canonical": str(pattern), **entry})
         free_memory(device)
+    report["versus_baseline"] = against_baseline(report, bc.baseline)
     return report

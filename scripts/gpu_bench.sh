@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# hybrid-bench on the lent GPU machine, one report per call: copies bench.json (and bench.html) to
+# ${OUT}/bench-<tag>.json, since the run folder is nested too deep to come back.
+#   bash scripts/gpu_bench.sh <tag> [hydra overrides...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+tag=$1; shift
+out="${OUT:-gpu-report}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HYBRID_LOG_DIR="$out/logs"
+python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
+python -m hybrid.bench.cli "$@" 2>&1 | tee "$out/bench-$tag.log"
+status=${PIPESTATUS[0]}
+json=$(find "$out/logs" -name bench.json | sort | tail -1)
+[ -n "$json" ] && cp "$json" "$out/bench-$tag.json" && rm -rf "$out/logs"
+exit "$status"
