@@ -178,7 +178,9 @@ class HybridLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, cache: InferenceCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+                seq_idx: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) logits; ``last_only`` keeps the last position's, (B, 1, vocab)
+        (a prompt's prefill needs no others, and at 128k tokens they would be 13 GB in bf16)."""
         B, T = tokens.shape
         if cache is not None:
             if B != cache.batch_size:
@@ -190,6 +192,8 @@ class HybridLM(nn.Module):
             x = block(x, cache=cache.layers[i] if cache is not None else None, seq_idx=seq_idx)  # (B, T, d_model)
         if cache is not None:
             cache.seqlen += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, d_model)
         return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -206,22 +210,30 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 cuda_graph: bool | None = None) -> torch.Tensor:
         """Prefill the prompt in one parallel pass, then decode one token at a time from the cache.
 
         ``temperature=0`` is greedy decoding; otherwise sample from softmax(logits / temperature),
-        optionally restricted to the ``top_k`` most likely tokens. Returns (B, T_prompt + max_new_tokens).
+        optionally restricted to the ``top_k`` most likely tokens. ``cuda_graph`` replays each decode step
+        from a captured CUDA graph (default: on CUDA whenever every mixer supports it, see
+        ``hybrid.decode_graph``). Returns (B, T_prompt + max_new_tokens).
         """
+        from hybrid.decode_graph import GraphDecoder, unsupported_mixers
+
         if prompt.ndim != 2 or prompt.shape[1] == 0:
             raise ValueError(f"prompt must be a (batch, length >= 1) tensor of token ids, got shape {tuple(prompt.shape)}")
+        if cuda_graph is None:
+            cuda_graph = prompt.is_cuda and not unsupported_mixers(self)
         cache = self.allocate_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        logits = self(prompt, cache=cache)[:, -1]  # (B, vocab)
+        logits = self(prompt, cache=cache, last_only=True)[:, -1]  # (B, vocab)
+        decoder = GraphDecoder(self, cache) if cuda_graph and max_new_tokens > 1 else None
         out = [prompt]
         for step in range(max_new_tokens):
             token = _sample(logits, temperature, top_k, generator)  # (B, 1)
             out.append(token)
             if step + 1 < max_new_tokens:
-                logits = self(token, cache=cache)[:, -1]
+                logits = decoder.step(token) if decoder is not None else self(token, cache=cache)[:, -1]
         return torch.cat(out, dim=1)
 
 

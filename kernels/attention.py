@@ -64,6 +64,23 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
 
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """One query per sequence: q (B, H, 1, D), k/v (B, Hkv, S, D), ``valid`` (S,) or (B, S) keys it may see.
+
+    Two matmuls and a softmax that read the keys and values once. Used for decoding instead of SDPA, whose
+    dispatcher picks cuDNN for single-query shapes on Hopper and spends milliseconds of CPU time per call.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, D)  # the query heads of one KV head share its keys (GQA)
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in at least fp32; float64 stays float64
+    scores = (qg @ k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(D))  # (B, Hkv, G, S)
+    if valid is not None:
+        scores = scores.masked_fill(~(valid if valid.ndim == 1 else valid[:, None, None, :]), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return (probs @ v).view(B, H, 1, D)
+
+
 def attention_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
     """flash-attn with bottom-right causal alignment (keys may extend before the queries)."""
     window_size = (-1, -1) if window is None else (window - 1, 0)

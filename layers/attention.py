@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 from hybrid.kernels.attention import (
     allowed_mask,
+    attention_decode,
     attention_flash,
     attention_naive,
     attention_sdpa,
@@ -65,6 +66,8 @@ AttentionCache = KVCache  # (B, Hkv, slots, D) keys already rotated; a ring of `
 @register_mixer("attention", AttentionConfig, is_attention=True)
 class Attention(Mixer):
     """Causal multi-head attention with GQA, RoPE and an optional sliding window."""
+
+    graph_decode = True  # via the cache's static mode (device-side position)
 
     def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)
@@ -121,6 +124,8 @@ class Attention(Mixer):
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None,
                 seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         check_seq_idx(seq_idx, x, cache)
+        if cache is not None and cache.device_pos is not None:
+            return self._static_step(x, cache)
         B, T, _ = x.shape
         window = self.cfg.window
         offset = cache.pos if cache is not None else 0
@@ -141,6 +146,14 @@ class Attention(Mixer):
         y = self._attend(q, k, v, q_pos, k_pos, seq_idx)  # (B, H, T, D)
         return self.project_out(y)
 
+    def _static_step(self, x: torch.Tensor, cache: AttentionCache) -> torch.Tensor:
+        """One decode token whose position lives on the device (CUDA-graph capture): (B, 1, d_model)."""
+        if x.shape[1] != 1:
+            raise ValueError(f"a static (graph) decode step takes one token per sequence, got {x.shape[1]}")
+        q, k, v = self.qkv(x, cache.device_pos)
+        keys, values, valid = cache.extend_static(k, v)  # the whole buffer and which slots the query sees
+        return self.project_out(attention_decode(q, keys, values, valid))
+
     def _attend(self, q, k, v, q_pos, k_pos, seq_idx):
         window, backend = self.cfg.window, self.cfg.backend
         if backend == "flash" and not flash_available(q):
@@ -152,14 +165,15 @@ class Attention(Mixer):
             # Band / document block masks skip the tiles outside the window (GPU; CPU runs forward only).
             docs = doc_starts(seq_idx, q.shape[2], q.device)
             return sparse_attention(q, k, v, window_plan(q_pos[None], k.shape[2], window, docs), backend="flex")
+        # Plain causal self-attention lets SDPA choose its fused causal kernel: no (T, T) mask is built.
+        plain_causal = seq_idx is None and window is None and q.shape[2] == k.shape[2]
+        single_query_full = q.shape[2] == 1 and (window is None or k.shape[2] <= window) and seq_idx is None
+        if backend != "naive":
+            if plain_causal:
+                return attention_sdpa(q, k, v, None, is_causal=True)
+            if single_query_full:
+                return attention_decode(q, k, v, None)
         mask = allowed_mask(q_pos, k_pos, window, seq_idx, seq_idx)
         if backend == "naive":
             return attention_naive(q, k, v, mask)
-        # Plain causal self-attention lets SDPA choose its fused causal kernel instead of a dense mask.
-        plain_causal = seq_idx is None and window is None and q.shape[2] == k.shape[2]
-        single_query_full = q.shape[2] == 1 and (window is None or k.shape[2] <= window) and seq_idx is None
-        if plain_causal:
-            return attention_sdpa(q, k, v, None, is_causal=True)
-        if single_query_full:
-            return attention_sdpa(q, k, v, None)
         return attention_sdpa(q, k, v, mask)

@@ -22,6 +22,10 @@ from hybrid.registry import Footprint
 class Mixer(nn.Module):
     """Base class of registered sequence mixers (attention, SSMs, routers)."""
 
+    # True when a one-token decode step depends on no Python-side value (every position and state lives in
+    # device tensors updated in place), so the whole model step can be captured in a CUDA graph.
+    graph_decode: bool = False
+
     def __init__(self, d_model: int, cfg: Any, layer_idx: int = 0):
         super().__init__()
         self.d_model = d_model

@@ -82,6 +82,8 @@ class BlockTopkCache:
 class BlockTopk(Attention):
     """Block top-k sparse attention: own block causally plus the top-k past blocks (MoBA / NSA style)."""
 
+    graph_decode = False  # block selection at decode is host-side
+
     @classmethod
     def footprint(cls, d_model: int, cfg: BlockTopkConfig, dtype_bytes: int = 2) -> Footprint:
         D = cfg.resolved_head_dim(d_model)

@@ -72,6 +72,8 @@ class Mamba2Cache:
 class Mamba2(Mixer):
     """Mamba-2 SSM (SSD) with a short causal conv and gated RMSNorm."""
 
+    graph_decode = True  # the step updates its cache tensors in place
+
     def __init__(self, d_model: int, cfg: Mamba2Config, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)
         self.validate(d_model, cfg)

@@ -156,6 +156,8 @@ def heavy_tail(u: torch.Tensor) -> torch.Tensor:
 class Mamba3(Mixer):
     """Mamba-3 SSM (SISO / MIMO) with data-dependent rotation and trapezoidal discretisation."""
 
+    graph_decode = True  # the step updates its cache tensors in place
+
     def __init__(self, d_model: int, cfg: Mamba3Config, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)
         self.validate(d_model, cfg)

@@ -20,6 +20,9 @@ class KVCache:
     capacity: int  # max tokens this cache may consume (max_seqlen)
     window: int | None = None  # keys a query sees (itself included); None = all
     pos: int = 0  # tokens consumed so far
+    # Static mode (CUDA-graph decoding): the position also lives on the device, (1,) int64, and advances
+    # inside the captured step; ``pos`` is then kept in step by the graph decoder.
+    device_pos: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, batch: int, kv_heads: int, head_dim: int, max_seqlen: int, window: int | None,
@@ -59,3 +62,26 @@ class KVCache:
             self.v.index_copy_(2, new_slots, v[:, :, T - keep:])
         self.pos = offset + T
         return keys, values, torch.arange(start, offset + T, device=k.device)
+
+    def make_static(self) -> None:
+        """Enter static mode: one-token steps that read and advance ``device_pos`` (graph capturable)."""
+        self.device_pos = torch.tensor([self.pos], device=self.k.device, dtype=torch.long)
+
+    def extend_static(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append one token's k/v (B, Hkv, 1, D) at ``device_pos``; return the whole buffers and a (S,) mask of
+        the slots the new query sees. Every shape is static, so the step can be captured once and replayed."""
+        slots = self.k.shape[2]
+        p = self.device_pos  # (1,)
+        slot = p % slots if self.ring else p
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        s = torch.arange(slots, device=p.device)
+        if self.ring:  # slot s holds position p - age, written only once that position was >= 0
+            age = (p - s) % slots
+            valid = age <= p
+        else:  # slot s holds position s
+            valid = s <= p
+            if self.window is not None:
+                valid = valid & (p - s < self.window)
+        self.device_pos += 1
+        return self.k, self.v, valid

@@ -30,6 +30,7 @@ class BenchConfig:
     # decode
     decode_batches: list = field(default_factory=lambda: [1, 16])
     decode_tokens: int = 32  # timed single-token steps after the cache is filled
+    decode_graph: bool = True  # on CUDA, replay captured graphs of the step when every mixer allows it
     # timing
     warmup: int = 2
     repeats: int = 5

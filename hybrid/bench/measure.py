@@ -7,14 +7,13 @@ tests can replace it (e.g. to simulate an OOM at one length).
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from hybrid.bench.timing import median_seconds, peak_bytes
-from hybrid.layers.sliding import KVCache
+from hybrid.decode_graph import GraphDecoder, cache_tensors, unsupported_mixers
 from hybrid.model import HybridLM
 
 
@@ -25,31 +24,15 @@ def random_tokens(model: HybridLM, batch: int, length: int, device: torch.device
 def cache_bytes(cache) -> dict[str, int]:
     """Bytes per sequence of an allocated InferenceCache, split into KV (attention keys/values) and the rest (state).
 
-    Walks the per-layer cache objects (dataclasses, tuples, dicts) and counts each storage once.
+    Each storage is counted once (views of one buffer are not double-counted).
     """
     seen: set[int] = set()
     totals = {"kv_bytes": 0, "state_bytes": 0}
-
-    def walk(obj, kind: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            ptr = obj.untyped_storage().data_ptr()
-            if ptr not in seen:
-                seen.add(ptr)
-                totals[kind] += obj.untyped_storage().nbytes()
-        elif isinstance(obj, KVCache):
-            walk(obj.k, "kv_bytes")
-            walk(obj.v, "kv_bytes")
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            for f in dataclasses.fields(obj):
-                walk(getattr(obj, f.name), kind)
-        elif isinstance(obj, (list, tuple)):
-            for x in obj:
-                walk(x, kind)
-        elif isinstance(obj, dict):
-            for x in obj.values():
-                walk(x, kind)
-
-    walk(cache.layers, "state_bytes")
+    for t, kind in cache_tensors(cache.layers):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            totals["kv_bytes" if kind == "kv" else "state_bytes"] += t.untyped_storage().nbytes()
     return {k: v // cache.batch_size for k, v in totals.items()}
 
 
@@ -87,8 +70,9 @@ def train_throughput(model: HybridLM, batch: int, context: int, device: torch.de
 
 @torch.no_grad()
 def prefill(model: HybridLM, tokens: torch.Tensor) -> torch.Tensor:
-    """One full-sequence forward without a cache: (B, T) -> (B, T, vocab)."""
-    return model(tokens)
+    """One full-sequence forward without a cache, as a prompt's prefill: only the last position's logits
+    (B, 1, vocab) are computed, so the LM head does not dominate memory at long contexts."""
+    return model(tokens, last_only=True)
 
 
 def prefill_point(model: HybridLM, length: int, batch: int, device: torch.device, warmup: int, repeats: int) -> dict:
@@ -103,26 +87,33 @@ def prefill_point(model: HybridLM, length: int, batch: int, device: torch.device
 
 
 @torch.no_grad()
-def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device: torch.device, warmup: int) -> dict:
+def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device: torch.device, warmup: int,
+                 cuda_graph: bool = True) -> dict:
     """Per-token decode latency with the cache pre-filled to ``length`` tokens.
 
     allocate_cache(batch, length + warmup + n) -> prefill ``length`` tokens -> ``warmup`` untimed steps ->
-    ``n_tokens`` timed single-token steps; the median step time is the latency.
+    ``n_tokens`` timed single-token steps; the median step time is the latency. On CUDA each step is a
+    replay of a captured graph when every mixer allows it (as a serving stack would run it); the row says so.
     """
     from hybrid.bench import measure
 
+    graph = cuda_graph and device.type == "cuda" and not unsupported_mixers(model)
     cache = model.allocate_cache(batch, length + warmup + n_tokens)
     measure.prefill_cached(model, random_tokens(model, batch, length, device), cache)
     step_tokens = random_tokens(model, batch, 1, device)  # (B, 1)
-    seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
+    if graph:
+        decoder = GraphDecoder(model, cache)
+        seconds = median_seconds(lambda: decoder.step(step_tokens), device, warmup, n_tokens)
+    else:
+        seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
     return {"length": length, "batch": batch, "seconds_per_token": seconds, "tokens_per_s": batch / seconds,
-            "cache": cache_bytes(cache)}
+            "cuda_graph": graph, "cache": cache_bytes(cache)}
 
 
 @torch.no_grad()
 def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache) -> None:
     """Fill ``cache`` with ``tokens`` (B, L) in one pass (the prompt of a decode measurement)."""
-    model(tokens, cache=cache)
+    model(tokens, cache=cache, last_only=True)
 
 
 def backends(model: HybridLM, device: torch.device) -> dict[str, str]:

@@ -3,7 +3,8 @@ more sweeps, read from the local run records (works offline) or from a W&B proje
 
 The pieces, one job each: ``runs`` (local records and CSV curves into flat ``Run`` rows), ``wandb_source``
 (the same rows from the W&B API), ``figures`` (Plotly charts), ``page`` (the HTML page with Plotly
-inlined and a self-check), ``browser`` (headless Chromium screenshots), ``cli`` (the command).
+inlined and a self-check), ``bench_panel`` (``--bench``: hybrid-bench reports beside quality), ``browser``
+(headless Chromium screenshots), ``cli`` (the command).
 """
 
 from hybrid.compare.runs import CompareError, Run, load_runs

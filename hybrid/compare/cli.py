@@ -4,6 +4,7 @@
     hybrid-compare logs/train/multiruns/a logs/train/multiruns/b --out cmp/ --png
     hybrid-compare wandb:<entity>/<project> --group <sweep> --out cmp/
     hybrid-compare <sweep> --metric val/acc                     # rank by another metric
+    hybrid-compare <sweep> --bench logs/bench/runs/<time>/bench.json   # + hybrid-bench efficiency beside quality
 
 Prints the path of the HTML file. Local run records are read directly (no network); a ``wandb:`` source
 uses the W&B API. Exit status 2 on bad input (no runs, unknown metric), with the reason.
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from hybrid.compare import figures
+from hybrid.compare.bench_panel import panel
 from hybrid.compare.page import render
 from hybrid.compare.runs import CompareError, Run, load_runs
 
@@ -54,10 +56,12 @@ def charts(runs: list[Run], metric: str) -> list[tuple[str, str, object]]:
 
 
 def build(sources: list[str], out: Path | None = None, metric: str | None = None, png: bool = False,
-          title: str | None = None, group: str | None = None) -> Path:
+          title: str | None = None, group: str | None = None, bench: list[str] | None = None,
+          bench_context: int | None = None) -> Path:
     """Write the dashboard; returns the HTML path. PNGs (page and one per chart) need Chromium."""
     runs, warnings = _load(sources, group)
     metric = choose_metric(runs, metric)
+    bench_html, bench_figs = panel(bench, runs, metric, bench_context) if bench else ("", [])  # bad paths fail before any write
     for w in warnings:
         log.warning("%s", w)
     if out is None:
@@ -67,9 +71,9 @@ def build(sources: list[str], out: Path | None = None, metric: str | None = None
     page = out / "index.html"
     title = title or "hybrid comparison: " + ", ".join(Path(s).name or s for s in sources)
     figs = charts(runs, metric)
-    page.write_text(render(title, sources, runs, metric, figs, warnings), encoding="utf-8")
+    page.write_text(render(title, sources, runs, metric, figs, warnings, bench_html), encoding="utf-8")
     if png:
-        _pngs(page, out, figs)
+        _pngs(page, out, figs + bench_figs)
     return page
 
 
@@ -107,9 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--png", action="store_true", help="also write dashboard.png and one PNG per chart (needs Chromium)")
     p.add_argument("--title")
     p.add_argument("--group", help="W&B group (sweep / experiment name) to read from a wandb: source")
+    p.add_argument("--bench", nargs="+", metavar="PATH",
+                   help="hybrid-bench reports (bench.json, or its run folder): efficiency table and quality-vs-cost chart")
+    p.add_argument("--bench-context", type=int, metavar="N",
+                   help="context length of the quality-vs-cost chart (default: the longest every pattern decoded at)")
     args = p.parse_args(argv)
     try:
-        page = build(args.sources, args.out, args.metric, args.png, args.title, args.group)
+        page = build(args.sources, args.out, args.metric, args.png, args.title, args.group, args.bench, args.bench_context)
     except CompareError as exc:
         print(f"hybrid-compare: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

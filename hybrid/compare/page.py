@@ -25,7 +25,8 @@ th,td{border:1px solid #ddd;padding:4px 8px;text-align:right;white-space:nowrap}
 td.l,th.l{text-align:left} tr.grp td{background:#eef3fa;font-weight:600;text-align:left}
 .pure{color:#1f5fa8} .hybrid{color:#a8521f} .warn{background:#fff7e0;border:1px solid #e8c65a;padding:8px 12px}
 .fail{background:#fdecec;border:1px solid #e39a9a;padding:8px 12px} .note{color:#777;font-style:italic}
-.chart{min-height:430px}
+.chart{min-height:430px} .scroll{overflow-x:auto} .scroll th{white-space:normal;text-align:center}
+td.oom{color:#b00;font-weight:600}
 """
 
 CHECK = """
@@ -102,9 +103,16 @@ def failures(runs: list[Run]) -> str:
             f'<tbody>{rows}</tbody></table></div>')
 
 
+def chart(cid: str, fig: go.Figure) -> str:
+    """One chart's div; the ``chart`` class is what the self-check counts."""
+    return "<div class='chart'>" + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{cid}",
+                                                config={"displaylogo": False, "responsive": True}) + "</div>"
+
+
 def render(title: str, sources: list[str], runs: list[Run], metric: str, charts: list[tuple[str, str, go.Figure | None]],
-           warnings: list[str]) -> str:
-    """The whole page; ``charts`` are (id, heading, figure or None when no run has that data)."""
+           warnings: list[str], bench: str = "") -> str:
+    """The whole page; ``charts`` are (id, heading, figure or None when no run has that data); ``bench`` is the
+    ``--bench`` section's HTML, placed right after the runs table so efficiency reads beside quality."""
     done = [r for r in runs if r.status == "completed"]
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>",
              f"<script>{get_plotlyjs()}</script></head><body>",
@@ -115,12 +123,12 @@ def render(title: str, sources: list[str], runs: list[Run], metric: str, charts:
     parts.append(failures(runs))
     parts.append("<h2 id='runs'>Runs by architecture</h2>" + (runs_table(done, metric) if done else
                                                                 "<p class='note'>No run completed.</p>"))
+    parts.append(bench)
     for cid, heading, fig in charts:
         parts.append(f"<h2 id='{cid}'>{_e(heading)}</h2>")
         if fig is None:
             parts.append("<p class='note'>No run in this comparison has this data.</p>")
         else:
-            parts.append("<div class='chart'>" + fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{cid}",
-                                                              config={"displaylogo": False, "responsive": True}) + "</div>")
+            parts.append(chart(cid, fig))
     parts.append(CHECK + "</body></html>")
     return "".join(parts)

@@ -1,0 +1,122 @@
+"""Whole-model decode steps replayed from a captured CUDA graph.
+
+An eager decode step of a 12-layer model launches about a thousand small kernels, so at small batch it
+costs the host's launch time (~10 ms), not the GPU's. Capturing the step once and replaying it removes
+that. A step can be captured when no mixer reads a Python-side value: SSM steps update their cache
+tensors in place, and attention caches switch to static mode (the position lives on the device and
+advances inside the graph; keys are masked, not sliced). Mixers declare this with ``graph_decode``.
+
+    decoder = GraphDecoder(model, cache)        # after the prompt's prefill
+    logits = decoder.step(tokens)               # (B, 1) -> (B, vocab), one replay
+
+With ``capture=False`` (the default off CUDA) the same static step runs eagerly: that is how the CPU
+tests check it against ordinary decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from hybrid.layers.sliding import KVCache
+
+
+def unsupported_mixers(model) -> list[str]:
+    """Names of the mixers whose decode step cannot be captured (empty: the model can use a graph)."""
+    return sorted({type(b.mixer).__name__ for b in model.blocks if b.mixer is not None and not b.mixer.graph_decode})
+
+
+def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor, str]]:
+    """Every tensor of a decode cache with its kind: "kv" for attention keys/values, else "state"."""
+    if isinstance(obj, torch.Tensor):
+        yield obj, kind
+    elif isinstance(obj, KVCache):
+        yield obj.k, "kv"
+        yield obj.v, "kv"
+        if obj.device_pos is not None:
+            yield obj.device_pos, "state"
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from cache_tensors(getattr(obj, f.name), kind)
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from cache_tensors(x, kind)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from cache_tensors(x, kind)
+
+
+class GraphDecoder:
+    """One-token decode steps of ``model`` on ``cache`` (already holding the prompt), as graph replays."""
+
+    def __init__(self, model, cache, capture: bool | None = None, warmup: int = 2):
+        missing = unsupported_mixers(model)
+        if missing:
+            raise ValueError(f"decode steps of {', '.join(missing)} cannot be captured in a CUDA graph "
+                             f"(their caches keep host-side state); decode eagerly instead")
+        if cache.seqlen >= cache.max_seqlen:
+            raise ValueError(f"cache was allocated for {cache.max_seqlen} tokens; all are used")
+        self.model, self.cache = model, cache
+        device = next(model.parameters()).device
+        self.capture = device.type == "cuda" if capture is None else capture
+        self.kv = [c for c in cache.layers if isinstance(c, KVCache)]
+        for c in self.kv:
+            c.make_static()
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # (B, 1) static input
+        self.graph = self.logits = None
+        if self.capture:
+            self._capture(warmup)
+
+    def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, list[int]]:
+        # KV buffers are left out: a warm-up step writes only the slot the next real step overwrites.
+        state = [t for t, kind in cache_tensors(self.cache.layers) if kind == "state"]
+        return state, [t.clone() for t in state], self.cache.seqlen, [c.pos for c in self.kv]
+
+    def _restore(self, snap) -> None:
+        state, saved, seqlen, pos = snap
+        for t, s in zip(state, saved):
+            t.copy_(s)
+        self.cache.seqlen = seqlen
+        for c, p in zip(self.kv, pos):
+            c.pos = p
+
+    @torch.no_grad()
+    def _capture(self, warmup: int) -> None:
+        snap = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, Triton compiles) outside capture
+            for _ in range(warmup):
+                self.model(self.tokens, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(snap)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model(self.tokens, cache=self.cache)  # (B, 1, vocab), a static output buffer
+        self._restore(snap)  # capture ran the Python bookkeeping once; the tensors were not touched
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Consume ``tokens`` (B, 1); returns the next-token logits (B, vocab). With a graph they are a view of
+        its output buffer, which the next step overwrites."""
+        cache = self.cache
+        if cache.seqlen + 1 > cache.max_seqlen:
+            raise ValueError(f"cache was allocated for {cache.max_seqlen} tokens; all are used")
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            logits = self.model(self.tokens, cache=cache)  # the static step, eagerly; advances seqlen itself
+        else:
+            self.graph.replay()
+            logits = self.logits
+            cache.seqlen += 1
+        for c in self.kv:
+            c.pos += 1
+        return logits[:, -1]
+
+    def close(self) -> None:
+        """Back to ordinary decoding: the caches leave static mode (their positions are in step)."""
+        for c in self.kv:
+            c.device_pos = None
