@@ -52,7 +52,7 @@ def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor,
 class GraphDecoder:
     """One-token decode steps of ``model`` on ``cache`` (already holding the prompt), as graph replays."""
 
-    def __init__(self, model, cache, capture: bool | None = None, warmup: int = 2):
+    def __init__(self, model, cache, capture: bool | None = None, warmup: int = 2, compile: bool = False):
         missing = unsupported_mixers(model)
         if missing:
             raise ValueError(f"decode steps of {', '.join(missing)} cannot be captured in a CUDA graph "
@@ -66,6 +66,9 @@ class GraphDecoder:
         for c in self.kv:
             c.make_static()
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # (B, 1) static input
+        # A graph removes launch gaps but not the kernels: an eager step still runs ~50 small ones per layer.
+        # torch.compile fuses the elementwise ones (norms, RoPE, gates) before the graph is captured.
+        self._forward = torch.compile(model, dynamic=False) if compile else model
         self.graph = self.logits = None
         if self.capture:
             self._capture(warmup)
@@ -89,13 +92,13 @@ class GraphDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, Triton compiles) outside capture
-            for _ in range(warmup):
-                self.model(self.tokens, cache=self.cache)
+            for _ in range(max(warmup, 3 if compile else 1)):
+                self._forward(self.tokens, cache=self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self._restore(snap)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self.model(self.tokens, cache=self.cache)  # (B, 1, vocab), a static output buffer
+            self.logits = self._forward(self.tokens, cache=self.cache)  # (B, 1, vocab), a static output buffer
         self._restore(snap)  # capture ran the Python bookkeeping once; the tensors were not touched
 
     @torch.no_grad()
@@ -107,7 +110,7 @@ class GraphDecoder:
             raise ValueError(f"cache was allocated for {cache.max_seqlen} tokens; all are used")
         self.tokens.copy_(tokens)
         if self.graph is None:
-            logits = self.model(self.tokens, cache=cache)  # the static step, eagerly; advances seqlen itself
+            logits = self._forward(self.tokens, cache=cache)  # the static step, eagerly; advances seqlen itself
         else:
             self.graph.replay()
             logits = self.logits

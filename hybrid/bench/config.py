@@ -31,6 +31,7 @@ class BenchConfig:
     decode_batches: list = field(default_factory=lambda: [1, 16])
     decode_tokens: int = 32  # timed single-token steps after the cache is filled
     decode_graph: bool = True  # on CUDA, replay captured graphs of the step when every mixer allows it
+    decode_compile: bool = False  # torch.compile the step before capturing it (fewer, fused kernels)
     # timing
     warmup: int = 2
     repeats: int = 5

@@ -88,12 +88,13 @@ def prefill_point(model: HybridLM, length: int, batch: int, device: torch.device
 
 @torch.no_grad()
 def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device: torch.device, warmup: int,
-                 cuda_graph: bool = True) -> dict:
+                 cuda_graph: bool = True, compile: bool = False) -> dict:
     """Per-token decode latency with the cache pre-filled to ``length`` tokens.
 
     allocate_cache(batch, length + warmup + n) -> prefill ``length`` tokens -> ``warmup`` untimed steps ->
     ``n_tokens`` timed single-token steps; the median step time is the latency. On CUDA each step is a
-    replay of a captured graph when every mixer allows it (as a serving stack would run it); the row says so.
+    replay of a captured graph when every mixer allows it (as a serving stack would run it), optionally of
+    the torch.compile'd step; the row says which.
     """
     from hybrid.bench import measure
 
@@ -102,12 +103,12 @@ def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device
     measure.prefill_cached(model, random_tokens(model, batch, length, device), cache)
     step_tokens = random_tokens(model, batch, 1, device)  # (B, 1)
     if graph:
-        decoder = GraphDecoder(model, cache)
+        decoder = GraphDecoder(model, cache, compile=compile)
         seconds = median_seconds(lambda: decoder.step(step_tokens), device, warmup, n_tokens)
     else:
         seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
     return {"length": length, "batch": batch, "seconds_per_token": seconds, "tokens_per_s": batch / seconds,
-            "cuda_graph": graph, "cache": cache_bytes(cache)}
+            "cuda_graph": graph, "compiled": graph and compile, "cache": cache_bytes(cache)}
 
 
 @torch.no_grad()

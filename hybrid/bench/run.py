@@ -79,7 +79,7 @@ def bench_pattern(bc: BenchConfig, pattern, device: torch.device) -> dict:
     out["prefill"] = series(lengths, lambda n: measure.prefill_point(model, n, bc.prefill_batch, device, w, r),
                             device, f"{name} prefill")
     out["decode"] = {str(b): series(lengths, lambda n, b=b: measure.decode_point(model, n, b, bc.decode_tokens, device, w,
-                                                                                    bc.decode_graph),
+                                                                                    bc.decode_graph, bc.decode_compile),
                                     device, f"{name} decode batch {b}") for b in bc.decode_batches}
     out["fits"] = fits(out, fit_range(lengths, bc.fit_min_len))
     return out  # the model goes out of scope here; run_bench frees its memory
