@@ -68,7 +68,9 @@ class GraphDecoder:
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # (B, 1) static input
         # A graph removes launch gaps but not the kernels: an eager step still runs ~50 small ones per layer.
         # torch.compile fuses the elementwise ones (norms, RoPE, gates) before the graph is captured.
-        self._forward = torch.compile(model, dynamic=False) if compile else model
+        if compile:  # one code object serves every model and cache size: allow more than dynamo's 8 variants
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._forward = torch.compile(model.decode_step) if compile else model.decode_step
         self.graph = self.logits = None
         if self.capture:
             self._capture(warmup)
@@ -93,13 +95,13 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, Triton compiles) outside capture
             for _ in range(max(warmup, 3 if compile else 1)):
-                self._forward(self.tokens, cache=self.cache)
+                self._forward(self.tokens, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self._restore(snap)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward(self.tokens, cache=self.cache)  # (B, 1, vocab), a static output buffer
-        self._restore(snap)  # capture ran the Python bookkeeping once; the tensors were not touched
+            self.logits = self._forward(self.tokens, self.cache)  # (B, 1, vocab), a static output buffer
+        self._restore(snap)  # capture records the step without running it; this only re-checks that
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,11 +112,11 @@ class GraphDecoder:
             raise ValueError(f"cache was allocated for {cache.max_seqlen} tokens; all are used")
         self.tokens.copy_(tokens)
         if self.graph is None:
-            logits = self._forward(self.tokens, cache=cache)  # the static step, eagerly; advances seqlen itself
+            logits = self._forward(self.tokens, cache)  # the static step, eagerly
         else:
             self.graph.replay()
             logits = self.logits
-            cache.seqlen += 1
+        cache.seqlen += 1
         for c in self.kv:
             c.pos += 1
         return logits[:, -1]

@@ -196,6 +196,14 @@ class HybridLM(nn.Module):
             x = x[:, -1:]  # (B, 1, d_model)
         return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
 
+    def decode_step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """forward() of one token per sequence without the host-side bookkeeping (checks, ``seqlen``), so that
+        a graph decoder can compile and capture it; the caller advances ``cache.seqlen``. (B, 1) -> (B, 1, vocab)."""
+        x = self.embed(tokens)  # (B, 1, d_model)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block(x, cache=layer_cache)
+        return self.lm_head(self.norm_f(x))
+
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of auxiliary losses that mixers (routers) set during the last forward."""
         losses = [b.mixer.aux_loss for b in self.blocks if b.mixer is not None and b.mixer.aux_loss is not None]

@@ -362,6 +362,10 @@ def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Spar
         # every choice, so those compile with autotuning, whose search space holds 32- and 64-row configs.
         mode = "max-autotune-no-cudagraphs" if min(block_mask.BLOCK_SIZE) < 128 else "default"
         if mode not in _compiled_flex:
+            # Each new sequence length is a recompile (static shapes keep Flex fastest). Past dynamo's
+            # default limit of 8 it would silently run flex_attention eagerly, which materialises the whole
+            # (T, T) score matrix: a length sweep (a bench, a length warm-up) then runs out of memory.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             _compiled_flex[mode] = torch.compile(flex_attention, dynamic=False, mode=mode)
         fn = _compiled_flex[mode]
     return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
