@@ -24,6 +24,7 @@ from hybrid.kernels.sparse_attention import doc_starts, flex_available, sparse_a
 from hybrid.layers.base import Mixer, check_seq_idx
 from hybrid.layers.sliding import KVCache
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
 
@@ -168,11 +169,16 @@ class Attention(Mixer):
         # Plain causal self-attention lets SDPA choose its fused causal kernel: no (T, T) mask is built.
         plain_causal = seq_idx is None and window is None and q.shape[2] == k.shape[2]
         single_query_full = q.shape[2] == 1 and (window is None or k.shape[2] <= window) and seq_idx is None
+        # A prompt prefilled in pieces: the queries are the last Tq of Tk keys (bottom-right causal), which
+        # SDPA's fused kernels take as a CausalBias, again without a (Tq, Tk) mask.
+        chunk_causal = seq_idx is None and window is None and 1 < q.shape[2] < k.shape[2]
         if backend != "naive":
             if plain_causal:
                 return attention_sdpa(q, k, v, None, is_causal=True)
             if single_query_full:
                 return attention_decode(q, k, v, None)
+            if chunk_causal:
+                return attention_sdpa(q, k, v, causal_lower_right(q.shape[2], k.shape[2]))
         mask = allowed_mask(q_pos, k_pos, window, seq_idx, seq_idx)
         if backend == "naive":
             return attention_naive(q, k, v, mask)

@@ -112,9 +112,13 @@ def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device
 
 
 @torch.no_grad()
-def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache) -> None:
-    """Fill ``cache`` with ``tokens`` (B, L) in one pass (the prompt of a decode measurement)."""
-    model(tokens, cache=cache, last_only=True)
+def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache, chunk: int = 16384) -> None:
+    """Fill ``cache`` with ``tokens`` (B, L) in pieces of ``chunk`` tokens (the prompt of a decode measurement).
+
+    Chunked prefill, as serving stacks do: the activations of one piece, not of the whole batch x length,
+    bound the memory, so a decode point fails only when its cache does not fit."""
+    for start in range(0, tokens.shape[1], chunk):
+        model(tokens[:, start:start + chunk], cache=cache, last_only=True)
 
 
 def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
