@@ -38,7 +38,7 @@ class AttentionConfig:
     position: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
     qkv_bias: bool = False
-    backend: Literal["auto", "sdpa", "flash", "flex", "naive", "gather"] = "auto"  # gather: block_topk only
+    backend: Literal["auto", "sdpa", "flash", "flex", "naive", "gather", "triton"] = "auto"  # gather, triton: block_topk only
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -48,8 +48,8 @@ class AttentionConfig:
             raise ConfigError(f"attention num_kv_heads ({kv}) must divide num_heads ({self.num_heads})")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"attention window must be >= 1 (or null for full attention), got {self.window}")
-        if self.backend == "gather" and type(self) is AttentionConfig:
-            raise ConfigError("attention backend 'gather' is for block_topk; use auto, sdpa, flash, flex or naive")
+        if self.backend in ("gather", "triton") and type(self) is AttentionConfig:
+            raise ConfigError(f"attention backend '{self.backend}' is for block_topk; use auto, sdpa, flash, flex or naive")
         if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
             raise ConfigError(f"attention head_dim must be even and >= 2, got {self.head_dim}")
 

@@ -16,6 +16,7 @@ block starts, so decoding reproduces the parallel pass. Selection is made once i
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +41,9 @@ from hybrid.registry import ConfigError, Footprint, register_mixer
 @dataclass
 class BlockTopkConfig(AttentionConfig):
     # backend: auto | flex | sdpa | naive as for attention, plus "gather" (MoBA's layout: each query block
-    # attends densely to its gathered selected blocks; training passes without documents)
+    # attends densely to its gathered selected blocks) and "triton" (the block-sparse kernel of
+    # kernels/block_topk_triton.py), both for training passes without documents with select=block and no
+    # window. auto takes triton on CUDA where it applies, else Flex on CUDA, else SDPA.
     block_size: int = 64
     topk: int = 8  # past blocks read per query, besides its own block
     select: Literal["block", "token"] = "block"  # one selection per query block, or per query (MoBA)
@@ -59,8 +62,9 @@ class BlockTopkConfig(AttentionConfig):
             if self.topk > self.max_past_blocks:
                 raise ConfigError(f"block_topk topk ({self.topk}) is larger than the number of past blocks allowed "
                                   f"(max_past_blocks={self.max_past_blocks}); lower topk or raise max_past_blocks")
-        if self.backend == "gather" and (self.select != "block" or self.window is not None):
-            raise ConfigError("block_topk backend gather needs select=block and no window (one selection per query block)")
+        if self.backend in ("gather", "triton") and (self.select != "block" or self.window is not None):
+            raise ConfigError(f"block_topk backend {self.backend} needs select=block and no window "
+                              "(one selection per query block)")
         if self.backend == "flash":
             raise ConfigError("block_topk has no flash-attn path (flash-attn takes no block-sparse masks); "
                               "use backend auto, flex, sdpa or naive")
@@ -108,8 +112,11 @@ class BlockTopk(Attention):
         allowed, causal = pair_counts(plan)
         self.stats = {"pair_density": allowed / causal, "kv_kept": float(k.shape[2])}
         backend = self.cfg.backend
-        if cache is not None and backend in ("flex", "gather"):
+        if cache is not None and backend in ("flex", "gather", "triton"):
             backend = "sdpa"  # decode is one query row: nothing to tile
+        if self._use_triton(q, backend, cache, seq_idx):
+            bs = self.cfg.block_size
+            return self.project_out(block_topk_attention(q, k, v, plan.sel[:, :, ::bs], bs))
         if backend == "gather" and seq_idx is None:
             bs = self.cfg.block_size
             y = attention_gathered(q, k, v, plan.sel[:, :, ::bs], bs, bs)  # rows of a block share its selection
@@ -117,6 +124,34 @@ class BlockTopk(Attention):
         if backend == "gather":
             backend = "auto"  # packed documents: blocks are no longer aligned to the sequence
         return self.project_out(sparse_attention(q, k, v, plan, backend, tile=self.cfg.flex_tile))
+
+
+    def _use_triton(self, q: torch.Tensor, backend: str, cache, seq_idx) -> bool:
+        if backend not in ("auto", "triton") or cache is not None:
+            return False
+        cfg = self.cfg
+        applies = seq_idx is None and cfg.select == "block" and cfg.window is None
+        device_ok = q.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+        reason = None if not applies else ("needs a CUDA device (or TRITON_INTERPRET=1)" if not device_ok else
+                                           _triton_unsupported(q, cfg.block_size))
+        if backend == "triton" and (not applies or reason):
+            raise RuntimeError(f"block_topk backend 'triton': {reason or 'packed documents (seq_idx) are not supported'}; "
+                               "use backend 'auto'")
+        return applies and reason is None
+
+
+def _triton_unsupported(q: torch.Tensor, block: int) -> str | None:
+    try:
+        from hybrid.kernels.block_topk_triton import unsupported_reason
+    except ImportError:  # triton is not installed
+        return "triton is not installed"
+    return unsupported_reason(q, block)
+
+
+def block_topk_attention(q, k, v, sel, block):
+    from hybrid.kernels.block_topk_triton import block_topk_attention as kernel
+
+    return kernel(q, k, v, sel, block)
 
 
 def block_topk_plan(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, cfg: BlockTopkConfig,

@@ -295,7 +295,7 @@ def test_attention_layer_gpu_backends_agree(window):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flex", "gather", "auto"])
+@pytest.mark.parametrize("backend", ["flex", "gather", "triton", "auto"])
 def test_block_topk_layer_gpu_backends_match_sdpa(backend):
     torch.manual_seed(0)
     x = torch.randn(2, 1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
