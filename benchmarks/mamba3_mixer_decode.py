@@ -1,0 +1,95 @@
+"""Decode step of a whole Mamba-3 mixer (projections, norms, gate and the fused scan step) on one GPU.
+
+    python benchmarks/mamba3_mixer_decode.py --out report.json
+
+Issue 4's two mixer-level figures: d_model 1024 at batch 1 (target: under 15 us inside a captured graph)
+and the Mamba-3 paper's Table 6 configuration, d_model 2048, 64 heads, N = 128 at batch 128 in bf16
+(published: 0.156 ms). Each row times one layer's step three ways: eager, replaying a captured CUDA graph
+of the eager step, and replaying a graph of the torch.compile'd step. Medians of 200 replays (CUDA events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from hybrid.layers.mamba3 import Mamba3, Mamba3Config
+
+CASES = [  # (name, d_model, batch, target_ms, MIMO rank)
+    ("d1024_b1", 1024, 1, 0.015, 1),
+    ("table6_d2048_b128", 2048, 128, 0.156, 1),
+    ("d1024_b1_mimo4", 1024, 1, None, 4),  # issue 4: MIMO rank 4 within 1.3x of SISO at the same state size
+    ("table6_d2048_b128_mimo4", 2048, 128, None, 4),
+]
+
+
+def median_ms(fn, reps: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def graphed(step):
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+@torch.no_grad()
+def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int) -> dict:
+    cfg = Mamba3Config(d_state=128, headdim=64, expand=2, mimo_rank=rank)  # heads = 2 * d_model / 64
+    layer = Mamba3(d_model, cfg).cuda().to(torch.bfloat16).eval()
+    cache = layer.allocate_cache(batch, 16)
+    x = torch.randn(batch, 1, d_model, device="cuda", dtype=torch.bfloat16)
+    row = {"name": name, "d_model": d_model, "heads": layer.H, "d_state": layer.N, "mimo_rank": rank, "batch": batch,
+           "target_ms": target_ms, "uses_triton": layer._use_triton(x, None)}
+    row["eager_ms"] = median_ms(lambda: layer(x, cache=cache))
+    row["graph_ms"] = median_ms(graphed(lambda: layer(x, cache=cache)))
+    compiled = torch.compile(layer)
+    row["compiled_graph_ms"] = median_ms(graphed(lambda: compiled(x, cache=cache)))
+    row["best_ms"] = min(row["graph_ms"], row["compiled_graph_ms"])
+    if target_ms is not None:
+        row["meets_target"] = row["best_ms"] <= target_ms
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="mamba3_mixer_decode.json")
+    args = ap.parse_args()
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    for args_ in CASES:
+        try:
+            row = case(*args_)
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+            row = {"name": args_[0], "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    by = {r["name"]: r for r in report["rows"] if "best_ms" in r}
+    for siso in ("d1024_b1", "table6_d2048_b128"):
+        if siso in by and f"{siso}_mimo4" in by:
+            report[f"mimo4_over_siso_{siso}"] = by[f"{siso}_mimo4"]["best_ms"] / by[siso]["best_ms"]
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
