@@ -14,7 +14,6 @@ import argparse
 import json
 
 import torch
-
 from hybrid.layers.mamba3 import Mamba3, Mamba3Config
 
 CASES = [  # (name, d_model, batch, target_ms, MIMO rank)
