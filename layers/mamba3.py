@@ -88,9 +88,6 @@ class Mamba3Config:
         if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor < 0:
             raise ConfigError(f"mamba3 needs 0 < dt_min <= dt_max and dt_init_floor >= 0, got "
                               f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}")
-        if self.backend == "triton" and self.mimo:
-            raise ConfigError("mamba3 backend 'triton' covers SISO only so far (MIMO kernels are not written yet); "
-                              "use backend 'auto' or 'torch' with mimo_rank > 1")
         if self.A_floor <= 0 or self.norm_eps <= 0:
             raise ConfigError(f"mamba3 A_floor and norm_eps must be > 0, got {self.A_floor}, {self.norm_eps}")
 
@@ -273,6 +270,9 @@ class Mamba3(Mixer):
         if self._use_triton(x, seq_idx):
             y = self._triton_scan(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, T, 1, H, P)
             return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+        if cache is not None and T == 1 and self._use_triton_mimo_step(x):
+            y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, 1, R, H, P)
+            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
         params = dict(q_bias=getattr(self, "C_bias", None), k_bias=getattr(self, "B_bias", None), D=self.D,
                       v_rank=getattr(self, "mimo_x", None), pairing=self.pairing)
         if cache is not None and T == 1:
@@ -305,6 +305,40 @@ class Mamba3(Mixer):
                 raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
             usable = reason is None
         return usable
+
+    def _use_triton_mimo_step(self, x: torch.Tensor) -> bool:
+        """MIMO decode steps run the fused Triton kernel (its chunked scan has no kernel yet: PyTorch)."""
+        backend = self.cfg.backend
+        if backend == "torch" or not self.cfg.mimo:
+            return False
+        device_ok = x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+        if not (device_ok and _triton_available()):
+            return False
+        from hybrid.kernels.mamba3.triton_mimo_step import unsupported_reason
+
+        reason = unsupported_reason(self.R, self.N, self.P)
+        if reason is not None and backend == "triton":
+            raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
+        return reason is None
+
+    def _rotation_rate(self, u_th: torch.Tensor, batch: int, T: int) -> tuple[torch.Tensor | None, bool]:
+        """The kernels' angle input: (omega (B, T, S) or None, whether the kernel scales it by dt)."""
+        if self.cfg.rotation == "data_dependent":
+            return math.pi * torch.tanh(u_th.float()), True
+        if self.cfg.rotation == "data_independent":
+            return self.rope_freq.expand(batch, T, self.S), False
+        return None, True
+
+    def _triton_mimo_step(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+        from hybrid.kernels.mamba3.triton_mimo_step import mamba3_mimo_step_
+
+        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], 1)
+        y = mamba3_mimo_step_(Cm[:, 0], Bm[:, 0], xs[:, 0].contiguous(), log_decay[:, 0].contiguous(),
+                              dt[:, 0].contiguous(), lam[:, 0].contiguous(), cache.state(),
+                              None if omega is None else omega[:, 0].contiguous(), angle_dt,
+                              getattr(self, "C_bias", None), getattr(self, "B_bias", None),
+                              getattr(self, "mimo_x", None), self.D, self.pairing)
+        return y[:, None]  # (B, 1, R, H, P)
 
     def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
         """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""
