@@ -172,3 +172,14 @@ def test_wandb_source_maps_runs():
     assert [r.status for r in runs] == ["completed", "failed"] and runs[0].label == "pure · AA"
     assert runs[0].metric("best/val/acc") == pytest.approx(0.5) and len(runs[0].curves["train/loss"]) == 5
     assert runs[0].n_params == 1000 and runs[0].cache_bytes_per_token == 64
+
+
+def test_quickstart_summary_lines(tmp_path):
+    from hybrid.compare.quickstart import summary
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "record.json").write_text(json.dumps({
+        "status": "completed", "started": "2026-11-26T04:39:05", "finished": "2026-11-26T04:39:53",
+        "metrics": {"best/val/acc": 0.99675, "global_step": 350.0}, "pattern": {"canonical": "AA"},
+        "wandb": {"dir": "w"}}))
+    assert summary(tmp_path) == ["AA: completed, best held-out accuracy 0.997 after 350 steps, 48 s (W&B offline run: w)"]

@@ -10,13 +10,32 @@ machine each wanting every core would slow both down.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from hybrid.compare.cli import build
+
+
+def summary(sweep: Path) -> list[str]:
+    """One line per job from its record.json: pattern, status, best held-out accuracy, steps, wall time."""
+    lines = []
+    for record in sorted(sweep.glob("*/record.json")):
+        r = json.loads(record.read_text())
+        m = r.get("metrics") or {}
+        wall = ""
+        if r.get("started") and r.get("finished"):
+            seconds = (datetime.fromisoformat(r["finished"]) - datetime.fromisoformat(r["started"])).total_seconds()
+            wall = f", {seconds:.0f} s"
+        acc = m.get("best/val/acc")
+        lines.append(f"{r.get('pattern', {}).get('canonical', '?')}: {r.get('status')}, best held-out accuracy "
+                     f"{'n/a' if acc is None else f'{acc:.3f}'} after {int(m.get('global_step', 0))} steps{wall}"
+                     f" (W&B offline run: {(r.get('wandb') or {}).get('dir', 'none')})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(proc.returncode)
     sweep = Path(env.get("HYBRID_LOG_DIR", "logs")) / "train" / "multiruns" / sweep_name
     print(f"hybrid-quickstart: sweep finished in {time.time() - t0:.0f} s: {sweep}", flush=True)
+    for line in summary(sweep):
+        print(f"hybrid-quickstart: {line}", flush=True)
     page = build([str(sweep)], png=True, title="hybrid quickstart: pure attention vs pure Mamba-3 vs hybrid on MQAR")
     print(f"hybrid-quickstart: dashboard written; open it in a browser:\n{page.resolve()}")
 
