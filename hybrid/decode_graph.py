@@ -52,7 +52,7 @@ def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor,
 class GraphDecoder:
     """One-token decode steps of ``model`` on ``cache`` (already holding the prompt), as graph replays."""
 
-    def __init__(self, model, cache, capture: bool | None = None, warmup: int = 2, compile: bool = False):
+    def __init__(self, model, cache, capture: bool | None = None, warmup: int | None = None, compile: bool = False):
         missing = unsupported_mixers(model)
         if missing:
             raise ValueError(f"decode steps of {', '.join(missing)} cannot be captured in a CUDA graph "
@@ -73,28 +73,38 @@ class GraphDecoder:
         self._forward = torch.compile(model.decode_step) if compile else model.decode_step
         self.graph = self.logits = None
         if self.capture:
-            self._capture(warmup)
+            self._capture(warmup if warmup is not None else (3 if compile else 2))
 
-    def _snapshot(self) -> tuple[list[torch.Tensor], list[torch.Tensor], int, list[int]]:
-        # KV buffers are left out: a warm-up step writes only the slot the next real step overwrites.
+    def _snapshot(self, steps: int):
+        """Everything ``steps`` warm-up steps change: the state tensors, the host counters, and the KV slots they
+        write. Those slots matter in a ring buffer: the slot after the next one still holds a visible key."""
         state = [t for t, kind in cache_tensors(self.cache.layers) if kind == "state"]
-        return state, [t.clone() for t in state], self.cache.seqlen, [c.pos for c in self.kv]
+        slots = []
+        for c in self.kv:
+            idx = (c.pos + torch.arange(steps, device=c.k.device)) % c.k.shape[2]
+            slots.append((c, idx, c.k.index_select(2, idx), c.v.index_select(2, idx)))
+        return state, [t.clone() for t in state], self.cache.seqlen, [c.pos for c in self.kv], slots
 
     def _restore(self, snap) -> None:
-        state, saved, seqlen, pos = snap
+        state, saved, seqlen, pos, slots = snap
         for t, s in zip(state, saved):
             t.copy_(s)
         self.cache.seqlen = seqlen
         for c, p in zip(self.kv, pos):
             c.pos = p
+        for c, idx, k, v in slots:
+            c.k.index_copy_(2, idx, k)
+            c.v.index_copy_(2, idx, v)
 
     @torch.no_grad()
     def _capture(self, warmup: int) -> None:
-        snap = self._snapshot()
+        # warm-up steps write cache slots past the current position: never more than the cache has left
+        steps = max(1, min(warmup, self.cache.max_seqlen - self.cache.seqlen))
+        snap = self._snapshot(steps)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy initialisation (cuBLAS handles, Triton compiles) outside capture
-            for _ in range(max(warmup, 3 if compile else 1)):
+            for _ in range(steps):
                 self._forward(self.tokens, self.cache)
         torch.cuda.current_stream().wait_stream(side)
         self._restore(snap)

@@ -71,3 +71,27 @@ def test_gpu_graph_replay_equals_eager(pattern):
     model32 = _model(pattern, "cuda", torch.float32)
     prompt = torch.randint(0, 64, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     assert torch.equal(model32.generate(prompt, 8, cuda_graph=True), model32.generate(prompt, 8, cuda_graph=False))
+
+
+def test_warmup_steps_are_rolled_back_exactly():
+    """Capture warms up by running real steps; the snapshot must undo them, ring-buffer slots included
+    (a ring's next slots still hold keys the next query sees)."""
+    model = _model("MWMA")
+    cache = model.allocate_cache(2, 20)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 9)), cache=cache)  # W's window of 5 has wrapped
+        decoder = GraphDecoder(model, cache, capture=False)
+        before = [t.clone() for t, _ in decoder_tensors(cache)]
+        snap = decoder._snapshot(3)
+        for _ in range(3):
+            model.decode_step(torch.randint(0, 64, (2, 1)), cache)
+        decoder._restore(snap)
+    for a, (b, _) in zip(before, decoder_tensors(cache)):
+        assert torch.equal(a, b)
+    assert cache.seqlen == 9 and all(c.pos == 9 for c in decoder.kv)
+
+
+def decoder_tensors(cache):
+    from hybrid.decode_graph import cache_tensors
+
+    return list(cache_tensors(cache.layers))
