@@ -39,8 +39,8 @@ def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor,
         if obj.device_pos is not None:
             yield obj.device_pos, "state"
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from cache_tensors(getattr(obj, f.name), kind)
+        for f in dataclasses.fields(obj):  # a field marked metadata={"kv": True} holds attention keys/values
+            yield from cache_tensors(getattr(obj, f.name), "kv" if f.metadata.get("kv") else kind)
     elif isinstance(obj, (list, tuple)):
         for x in obj:
             yield from cache_tensors(x, kind)

@@ -72,9 +72,10 @@ class TokenRouterConfig:
 class TokenRouterCache:
     ssm: Mamba3Cache
     kv: KVCache | None  # query_only: every key (a ring when windowed)
-    k: torch.Tensor | None  # compact: (B, Hkv, max_seqlen, D) routed keys only, packed per row
-    v: torch.Tensor | None
-    k_pos: torch.Tensor | None  # (B, max_seqlen) position of each packed key
+    # compact: (B, Hkv, max_seqlen, D) routed keys only, packed per row ("kv": counted as KV cache, not state)
+    k: torch.Tensor | None = field(metadata={"kv": True})
+    v: torch.Tensor | None = field(metadata={"kv": True})
+    k_pos: torch.Tensor | None = field(metadata={"kv": True})  # (B, max_seqlen) position of each packed key
     count: torch.Tensor | None  # (B,) routed keys held per row
     pos: int = 0
     routed: float = 0.0  # tokens routed so far (all rows)

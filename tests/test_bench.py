@@ -137,3 +137,13 @@ def test_cli_exits_2_on_bad_pattern(tmp_path):
                            f"run_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "configuration error" in proc.stdout + proc.stderr
+
+
+def test_router_kv_is_counted_as_kv():
+    """The compact token router keeps routed keys in its own buffers: they are KV cache, not state."""
+    import hybrid
+
+    model = hybrid.build_model("MR", d_model=32, vocab_size=64)
+    small, big = (measure.cache_bytes(model.allocate_cache(1, n)) for n in (16, 64))
+    assert 0 < small["kv_bytes"] < big["kv_bytes"]
+    assert small["state_bytes"] == big["state_bytes"]  # the SSM state does not grow with the context
