@@ -70,7 +70,7 @@ class GraphDecoder:
         # torch.compile fuses the elementwise ones (norms, RoPE, gates) before the graph is captured.
         if compile:  # one code object serves every model and cache size: allow more than dynamo's 8 variants
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._forward = torch.compile(model.decode_step) if compile else model.decode_step
+        self._forward = torch.compile(model.logits) if compile else model.logits
         self.graph = self.logits = None
         if self.capture:
             self._capture(warmup if warmup is not None else (3 if compile else 2))
@@ -111,7 +111,6 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward(self.tokens, self.cache)  # (B, 1, vocab), a static output buffer
-        self._restore(snap)  # capture records the step without running it; this only re-checks that
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -187,22 +187,21 @@ class HybridLM(nn.Module):
                 raise ValueError(f"batch of {B} sequences does not match the cache's {cache.batch_size}")
             if cache.seqlen + T > cache.max_seqlen:
                 raise ValueError(f"cache was allocated for {cache.max_seqlen} tokens; {cache.seqlen} used, {T} more given")
+        logits = self.logits(tokens, cache, seq_idx, last_only)  # (B, T or 1, vocab_size)
+        if cache is not None:
+            cache.seqlen += T
+        return logits
+
+    def logits(self, tokens: torch.Tensor, cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """The network itself, tokens to logits, without forward()'s host-side checks and ``seqlen`` count:
+        a graph decoder compiles and captures this for one-token steps and keeps the count itself."""
         x = self.embed(tokens)  # (B, T, d_model)
         for i, block in enumerate(self.blocks):
             x = block(x, cache=cache.layers[i] if cache is not None else None, seq_idx=seq_idx)  # (B, T, d_model)
-        if cache is not None:
-            cache.seqlen += T
         if last_only:
             x = x[:, -1:]  # (B, 1, d_model)
         return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
-
-    def decode_step(self, tokens: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """forward() of one token per sequence without the host-side bookkeeping (checks, ``seqlen``), so that
-        a graph decoder can compile and capture it; the caller advances ``cache.seqlen``. (B, 1) -> (B, 1, vocab)."""
-        x = self.embed(tokens)  # (B, 1, d_model)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, cache=layer_cache)
-        return self.lm_head(self.norm_f(x))
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of auxiliary losses that mixers (routers) set during the last forward."""

@@ -11,6 +11,8 @@ flow between tokens with different ids (document masking).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -61,3 +63,10 @@ def check_seq_idx(seq_idx: torch.Tensor | None, x: torch.Tensor, cache: Any) -> 
         raise ValueError("seq_idx (packed documents) is for training forwards; decode caches hold one sequence per row")
     if seq_idx.shape != x.shape[:2]:
         raise ValueError(f"seq_idx must have shape {tuple(x.shape[:2])} (batch, seqlen), got {tuple(seq_idx.shape)}")
+
+
+def triton_runnable(t: torch.Tensor, backend: str) -> bool:
+    """Whether Triton kernels can run on ``t``'s device for a layer asking for ``backend``: on CUDA, or on the
+    CPU through Triton's interpreter (TRITON_INTERPRET=1) when the kernels are asked for by name (tests)."""
+    device_ok = t.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device_ok and importlib.util.find_spec("triton") is not None

@@ -16,7 +16,6 @@ block starts, so decoding reproduces the parallel pass. Selection is made once i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +31,7 @@ from hybrid.kernels.sparse_attention import (
     sparse_attention,
 )
 from hybrid.layers.attention import Attention, AttentionConfig
-from hybrid.layers.base import check_seq_idx
+from hybrid.layers.base import check_seq_idx, triton_runnable
 from hybrid.layers.sliding import KVCache
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
@@ -114,7 +113,7 @@ class BlockTopk(Attention):
         backend = self.cfg.backend
         if cache is not None and backend in ("flex", "gather", "triton"):
             backend = "sdpa"  # decode is one query row: nothing to tile
-        if self._use_triton(q, backend, cache, seq_idx):
+        if self._use_kernel(q, backend, cache, seq_idx):
             bs = self.cfg.block_size
             return self.project_out(block_topk_attention(q, k, v, plan.sel[:, :, ::bs], bs))
         if backend == "gather" and seq_idx is None:
@@ -125,30 +124,26 @@ class BlockTopk(Attention):
             backend = "auto"  # packed documents: blocks are no longer aligned to the sequence
         return self.project_out(sparse_attention(q, k, v, plan, backend, tile=self.cfg.flex_tile))
 
-
-    def _use_triton(self, q: torch.Tensor, backend: str, cache, seq_idx) -> bool:
+    def _use_kernel(self, q: torch.Tensor, backend: str, cache, seq_idx) -> bool:
+        """Whether this training pass runs the block-sparse Triton kernel (backend triton, or auto on CUDA)."""
         if backend not in ("auto", "triton") or cache is not None:
             return False
         cfg = self.cfg
-        applies = seq_idx is None and cfg.select == "block" and cfg.window is None
-        device_ok = q.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-        reason = None if not applies else ("needs a CUDA device (or TRITON_INTERPRET=1)" if not device_ok else
-                                           _triton_unsupported(q, cfg.block_size))
-        if backend == "triton" and (not applies or reason):
-            raise RuntimeError(f"block_topk backend 'triton': {reason or 'packed documents (seq_idx) are not supported'}; "
-                               "use backend 'auto'")
-        return applies and reason is None
+        if seq_idx is not None or cfg.select != "block" or cfg.window is not None:
+            reason = "packed documents (seq_idx) are not supported"  # select/window are checked in the config
+        elif not triton_runnable(q, backend):
+            reason = "needs triton and a CUDA device (or TRITON_INTERPRET=1)"
+        else:
+            from hybrid.kernels.block_topk_triton import unsupported_reason
 
-
-def _triton_unsupported(q: torch.Tensor, block: int) -> str | None:
-    try:
-        from hybrid.kernels.block_topk_triton import unsupported_reason
-    except ImportError:  # triton is not installed
-        return "triton is not installed"
-    return unsupported_reason(q, block)
+            reason = unsupported_reason(q, cfg.block_size)
+        if reason is not None and backend == "triton":
+            raise RuntimeError(f"block_topk backend 'triton': {reason}; use backend 'auto'")
+        return reason is None
 
 
 def block_topk_attention(q, k, v, sel, block):
+    """The Triton kernel (imported late: triton is optional)."""
     from hybrid.kernels.block_topk_triton import block_topk_attention as kernel
 
     return kernel(q, k, v, sel, block)

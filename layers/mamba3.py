@@ -19,14 +19,13 @@ follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from hybrid.kernels.mamba3 import Mamba3State, mamba3_chunk, mamba3_step
-from hybrid.layers.base import Mixer, check_seq_idx
+from hybrid.layers.base import Mixer, check_seq_idx, triton_runnable
 from torch import nn
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
@@ -134,14 +133,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     if weight is not None:
         xf = xf * weight.to(xf.dtype)
     return xf.to(x.dtype)
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
@@ -291,9 +282,7 @@ class Mamba3(Mixer):
         backend = self.cfg.backend
         if backend == "torch" or self.cfg.mimo:
             return False
-        # On the CPU only Triton's interpreter can run the kernels (tests): never chosen by "auto" there.
-        device_ok = x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-        usable = device_ok and seq_idx is None and _triton_available()
+        usable = seq_idx is None and triton_runnable(x, backend)  # "auto" never picks the CPU interpreter
         if backend == "triton" and not usable:
             raise RuntimeError("mamba3 backend 'triton' needs triton, a CUDA device and an unpacked batch (no seq_idx); "
                                "use backend 'auto' to fall back to the PyTorch reference")
@@ -311,8 +300,7 @@ class Mamba3(Mixer):
         backend = self.cfg.backend
         if backend == "torch" or not self.cfg.mimo:
             return False
-        device_ok = x.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
-        if not (device_ok and _triton_available()):
+        if not triton_runnable(x, backend):
             return False
         from hybrid.kernels.mamba3.triton_mimo_step import unsupported_reason
 
@@ -322,7 +310,7 @@ class Mamba3(Mixer):
         return reason is None
 
     def _rotation_rate(self, u_th: torch.Tensor, batch: int, T: int) -> tuple[torch.Tensor | None, bool]:
-        """The kernels' angle input: (omega (B, T, S) or None, whether the kernel scales it by dt)."""
+        """The kernels' angle input: (omega (B, T, S) or None, whether the kernels scale it by dt)."""
         if self.cfg.rotation == "data_dependent":
             return math.pi * torch.tanh(u_th.float()), True
         if self.cfg.rotation == "data_independent":
@@ -345,12 +333,8 @@ class Mamba3(Mixer):
         from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
         from hybrid.kernels.mamba3.triton_siso import mamba3_siso_step_
 
-        cfg, Bsz, T = self.cfg, xs.shape[0], xs.shape[1]
-        omega, angle_dt = None, True
-        if cfg.rotation == "data_dependent":
-            omega = math.pi * torch.tanh(u_th.float())  # (B, T, S); the kernels scale it by dt
-        elif cfg.rotation == "data_independent":
-            omega, angle_dt = self.rope_freq.expand(Bsz, T, self.S), False
+        cfg, T = self.cfg, xs.shape[1]
+        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], T)
         q_bias = self.C_bias[:, 0] if cfg.bc_bias else None  # (H, N)
         k_bias = self.B_bias[:, 0] if cfg.bc_bias else None
         q, k = Cm[:, :, 0], Bm[:, :, 0]  # (B, T, G, N)

@@ -147,3 +147,11 @@ def test_router_kv_is_counted_as_kv():
     small, big = (measure.cache_bytes(model.allocate_cache(1, n)) for n in (16, 64))
     assert 0 < small["kv_bytes"] < big["kv_bytes"]
     assert small["state_bytes"] == big["state_bytes"]  # the SSM state does not grow with the context
+
+
+def test_backends_name_every_mixer_kind():
+    import hybrid
+
+    model = hybrid.build_model("MKA", d_model=32, vocab_size=64, symbols={"M": {"mixer": "mamba3", "mimo_rank": 2}})
+    assert measure.backends(model, torch.device("cpu")) == {
+        "Mamba3": "torch scan, torch decode step", "BlockTopk": "auto (sdpa)", "Attention": "auto (sdpa/flex)"}

@@ -84,7 +84,7 @@ def test_warmup_steps_are_rolled_back_exactly():
         before = [t.clone() for t, _ in decoder_tensors(cache)]
         snap = decoder._snapshot(3)
         for _ in range(3):
-            model.decode_step(torch.randint(0, 64, (2, 1)), cache)
+            model.logits(torch.randint(0, 64, (2, 1)), cache)
         decoder._restore(snap)
     for a, (b, _) in zip(before, decoder_tensors(cache)):
         assert torch.equal(a, b)
@@ -95,3 +95,19 @@ def decoder_tensors(cache):
     from hybrid.decode_graph import cache_tensors
 
     return list(cache_tensors(cache.layers))
+
+
+def test_close_hands_the_cache_back_to_ordinary_decoding():
+    """Static steps, close(), then ordinary steps = ordinary steps all along."""
+    model = _model("MWMA")
+    tokens = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(3))
+    caches = [model.allocate_cache(2, 14) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(tokens[:, :6], cache=c)
+        want = torch.stack([model(tokens[:, i:i + 1], cache=caches[0])[:, -1] for i in range(6, 14)], 1)
+        decoder = GraphDecoder(model, caches[1], capture=False)
+        got = [decoder.step(tokens[:, i:i + 1]) for i in range(6, 10)]
+        decoder.close()
+        got += [model(tokens[:, i:i + 1], cache=caches[1])[:, -1] for i in range(10, 14)]
+    torch.testing.assert_close(torch.stack(got, 1), want, rtol=1e-5, atol=1e-5)

@@ -124,16 +124,24 @@ def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache, chunk: int = 16
 def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
     """Which implementation each kind of mixer runs on ``device`` (timings mean little without it)."""
     from hybrid.kernels.attention import flash_available
+    from hybrid.layers.block_topk import BlockTopk
+    from hybrid.layers.mamba3 import Mamba3
 
     probe = torch.zeros(1, 1, 1, 1, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     out: dict[str, str] = {}
     for module in model.modules():  # routers and fusion blocks nest their SSM and attention: walk everything
         name, cfg = type(module).__name__, getattr(module, "cfg", None)
-        if hasattr(module, "_use_triton"):  # Mamba-3: Triton kernels or the PyTorch reference
-            out[name] = "triton" if module._use_triton(probe, None) else "torch"
+        if isinstance(module, Mamba3):  # Triton kernels or the PyTorch reference
+            if module.cfg.mimo:
+                step = "triton" if module._use_triton_mimo_step(probe) else "torch"
+                out[name] = f"torch scan, {step} decode step"
+            else:
+                out[name] = "triton" if module._use_triton(probe, None) else "torch"
         elif cfg is not None and isinstance(getattr(cfg, "backend", None), str):
             backend = cfg.backend
-            if backend == "auto":
+            if backend == "auto" and isinstance(module, BlockTopk):
+                backend = "auto (triton kernel where it applies)" if device.type == "cuda" else "auto (sdpa)"
+            elif backend == "auto":
                 backend = "auto (flash-attn)" if flash_available(probe) else "auto (sdpa/flex)"
             out[name] = backend
     return out

@@ -22,7 +22,7 @@ from plotly.subplots import make_subplots
 
 from hybrid.bench.plot import figure as latency_figure
 from hybrid.compare import figures
-from hybrid.compare.page import _e, _num, chart
+from hybrid.compare.page import chart, esc, num
 from hybrid.compare.runs import CompareError, Run
 from hybrid.pattern import parse_pattern
 from hybrid.registry import ConfigError
@@ -194,11 +194,11 @@ def columns(report: dict, best: dict[str, Run], metric: str) -> tuple[Cols, Cols
         return best.get(canon(e["canonical"]))
 
     cols: Cols = [  # quality first, so it reads beside the costs
-        ("quality (runs of this pattern)", f"best {metric}", lambda e: _num(run(e).metric(metric), "{:.4f}") if run(e) else ""),
+        ("quality (runs of this pattern)", f"best {metric}", lambda e: num(run(e).metric(metric), "{:.4f}") if run(e) else ""),
         ("quality (runs of this pattern)", "best run", lambda e: run(e).name if run(e) else "no runs"),
-        ("quality (runs of this pattern)", "run params", lambda e: _num(run(e).n_params) if run(e) else ""),
-        ("bench model", "params", lambda e: _num(e.get("n_params"))),
-        ("bench model", "attention layers", lambda e: _num(e.get("n_attention_layers"))),
+        ("quality (runs of this pattern)", "run params", lambda e: num(run(e).n_params) if run(e) else ""),
+        ("bench model", "params", lambda e: num(e.get("n_params"))),
+        ("bench model", "attention layers", lambda e: num(e.get("n_attention_layers"))),
     ]
     cols += [("train tokens/s", f"ctx {_len(c)}",
               lambda e, c=c: _cell(_at(e.get("train"), "context", c), "tokens_per_s", "{:,.0f}")) for c in ctxs]
@@ -215,7 +215,7 @@ def columns(report: dict, best: dict[str, Run], metric: str) -> tuple[Cols, Cols
 
     cols += [("cache", "state bytes", lambda e: _bytes(mem(e, "recurrent_state_bytes"))),
              ("cache", "KV bytes/token", lambda e: _bytes(mem(e, "kv_bytes_per_token")))]
-    scaling: Cols = [("log-log slope vs length", h, lambda e, k=k: _num((e.get("fits") or {}).get(k), "{:.2f}"))
+    scaling: Cols = [("log-log slope vs length", h, lambda e, k=k: num((e.get("fits") or {}).get(k), "{:.2f}"))
                      for h, k in (("prefill time", "prefill_time_slope"), ("prefill memory", "prefill_memory_slope"),
                                   ("decode latency", "decode_latency_slope"))]
     if base:
@@ -235,16 +235,16 @@ def table(report: dict, cols: Cols) -> str:
             groups[-1][1] += 1
         else:
             groups.append([g, 1])
-    head = ("<tr><th class='l' rowspan='2'>pattern</th>" + "".join(f"<th colspan='{n}'>{_e(g)}</th>" for g, n in groups)
-            + "</tr><tr>" + "".join(f"<th>{_e(h)}</th>" for _, h, _ in cols) + "</tr>")
+    head = ("<tr><th class='l' rowspan='2'>pattern</th>" + "".join(f"<th colspan='{n}'>{esc(g)}</th>" for g, n in groups)
+            + "</tr><tr>" + "".join(f"<th>{esc(h)}</th>" for _, h, _ in cols) + "</tr>")
     rows = []
     for e in report["patterns"]:
-        name = f"<td class='l'><b>{_e(e.get('canonical') or e.get('pattern'))}</b></td>"
+        name = f"<td class='l'><b>{esc(e.get('canonical') or e.get('pattern'))}</b></td>"
         if e.get("oom"):  # the model itself did not fit: nothing else was measured
             rows.append(f"<tr>{name}<td class='l oom' colspan='{len(cols)}'>OOM (the model did not fit on the device)</td></tr>")
             continue
         cells = [str(f(e)) for _, _, f in cols]
-        tds = (("<td class='oom'>" if c.startswith("OOM") else "<td>") + f"{_e(c)}</td>" for c in cells)
+        tds = (("<td class='oom'>" if c.startswith("OOM") else "<td>") + f"{esc(c)}</td>" for c in cells)
         rows.append("<tr>" + name + "".join(tds) + "</tr>")
     return f"<div class='scroll'><table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table></div>"
 
@@ -255,7 +255,7 @@ def _about(path: Path, report: dict) -> str:
     bits = [f"{report.get('device', '?')} ({report.get('device_name', '?')})", f"torch {report.get('torch', '?')}",
             "dtype " + ", ".join(f"{k} {v}" for k, v in dtype.items()) if isinstance(dtype, dict) else f"dtype {dtype}",
             report.get("timing"), f"peak memory: {src}" if src else None, report.get("note")]
-    return f"<p class='sub'>{_e(path)}: " + "; ".join(_e(b) for b in bits if b) + ".</p>"
+    return f"<p class='sub'>{esc(path)}: " + "; ".join(esc(b) for b in bits if b) + ".</p>"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,19 +333,20 @@ def panel(paths: list[str], runs: list[Run], metric: str, context: int | None = 
     figs: Figs = []
     for f, report in reports:
         costs, scaling = columns(report, best, metric)
-        parts.append(f"<h3>{_e(f.parent.name)}</h3>" + _about(f, report) + table(report, costs) + "<br>" + table(report, scaling))
+        parts.append(f"<h3>{esc(f.parent.name)}</h3>" + _about(f, report) + table(report, costs) + "<br>" + table(report, scaling))
     fig = tradeoff(reports, best, metric, context, figures.arch_colors(runs))
     if fig is None:
-        parts.append(f"<p class='note'>No completed run with {_e(metric)} shares a pattern with the bench: no trade-off chart.</p>")
+        parts.append(f"<p class='note'>No completed run with {esc(metric)} shares a pattern with the bench: "
+                     "no trade-off chart.</p>")
     else:
         figs.append(("bench-tradeoff", "Quality vs decode cost and cache size (one point per pattern)", fig))
     missing = sorted(benched - set(best))
     unbenched = sorted(set(best) - benched)
     if missing or unbenched:
-        parts.append("<p class='note'>" + (f"Benched without quality runs: {_e(', '.join(missing))}. " if missing else "")
-                     + (f"Runs without a bench row: {_e(', '.join(unbenched))}." if unbenched else "") + "</p>")
+        parts.append("<p class='note'>" + (f"Benched without quality runs: {esc(', '.join(missing))}. " if missing else "")
+                     + (f"Runs without a bench row: {esc(', '.join(unbenched))}." if unbenched else "") + "</p>")
     for i, (f, report) in enumerate(reports):  # hybrid-bench's own chart, as its bench.html shows it
         figs.append((f"bench-latency-{i}", f"Prefill and decode latency vs length ({f.parent.name})", latency_figure(report)))
     for cid, heading, fg in figs:
-        parts.append(f"<h3 id='{cid}'>{_e(heading)}</h3>" + chart(cid, fg))
+        parts.append(f"<h3 id='{cid}'>{esc(heading)}</h3>" + chart(cid, fg))
     return "".join(parts), figs

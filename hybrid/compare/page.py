@@ -54,11 +54,11 @@ CHECK = """
 """
 
 
-def _e(x) -> str:
+def esc(x) -> str:
     return html.escape(str(x))
 
 
-def _num(v, fmt: str = "{:,.0f}") -> str:
+def num(v, fmt: str = "{:,.0f}") -> str:
     return "" if v is None else fmt.format(v)
 
 
@@ -69,24 +69,24 @@ def runs_table(runs: list[Run], metric: str) -> str:
         groups[r.arch].append(r)
     cols = ["run", "task", "L", "facts", "lr", "seed", "params", "state B", "KV B/token", metric, "val/acc", "val/loss",
             "steps", "tokens/s", "peak MB"]
-    out = ["<table><thead><tr>" + "".join(f'<th class="{"l" if i < 2 else ""}">{_e(c)}</th>' for i, c in enumerate(cols))
+    out = ["<table><thead><tr>" + "".join(f'<th class="{"l" if i < 2 else ""}">{esc(c)}</th>' for i, c in enumerate(cols))
            + "</tr></thead><tbody>"]
     for arch, rs in sorted(groups.items(), key=lambda kv: (not kv[1][0].is_pure, kv[0])):
         r0 = rs[0]
         best = max((r.metric(metric) for r in rs if r.metric(metric) is not None), default=None)
         p = r0.pattern
-        out.append(f'<tr class="grp"><td colspan="{len(cols)}"><span class="{r0.kind}">{r0.kind}</span> · {_e(arch)} '
-                   f'({_e(p.get("family", ""))}, hash {_e(p.get("pattern_hash", "?"))}, {p.get("n_layers", "?")} layers, '
-                   f'attention fraction {_num(p.get("attention_fraction"), "{:.2f}")}) — {len(rs)} run(s), best {_e(metric)} '
-                   f'{_num(best, "{:.4f}")}</td></tr>')
+        out.append(f'<tr class="grp"><td colspan="{len(cols)}"><span class="{r0.kind}">{r0.kind}</span> · {esc(arch)} '
+                   f'({esc(p.get("family", ""))}, hash {esc(p.get("pattern_hash", "?"))}, {p.get("n_layers", "?")} layers, '
+                   f'attention fraction {num(p.get("attention_fraction"), "{:.2f}")}) — {len(rs)} run(s), best {esc(metric)} '
+                   f'{num(best, "{:.4f}")}</td></tr>')
         for r in sorted(rs, key=lambda r: -(r.metric(metric) or -1)):
             optim = r.config.get("optim") or {}
-            cells = [r.name, r.data.get("name", ""), _num(r.seq_len), _num(r.n_facts), _num(optim.get("lr"), "{:g}"),
-                     _num(r.config.get("seed")), _num(r.n_params), _num(p.get("recurrent_state_bytes")),
-                     _num(p.get("kv_bytes_per_token")), _num(r.metric(metric), "{:.4f}"), _num(r.metric("val/acc"), "{:.4f}"),
-                     _num(r.metric("val/loss"), "{:.4f}"), _num(r.metric("global_step")),
-                     _num(r.metric("perf/tokens_per_s")), _num(r.metric("perf/peak_memory_mb"))]
-            out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{_e(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
+            cells = [r.name, r.data.get("name", ""), num(r.seq_len), num(r.n_facts), num(optim.get("lr"), "{:g}"),
+                     num(r.config.get("seed")), num(r.n_params), num(p.get("recurrent_state_bytes")),
+                     num(p.get("kv_bytes_per_token")), num(r.metric(metric), "{:.4f}"), num(r.metric("val/acc"), "{:.4f}"),
+                     num(r.metric("val/loss"), "{:.4f}"), num(r.metric("global_step")),
+                     num(r.metric("perf/tokens_per_s")), num(r.metric("perf/peak_memory_mb"))]
+            out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{esc(c)}</td>' for i, c in enumerate(cells)) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -95,8 +95,8 @@ def failures(runs: list[Run]) -> str:
     bad = [r for r in runs if r.status != "completed"]
     if not bad:
         return ""
-    rows = "".join(f'<tr><td class="l">{_e(r.name)}</td><td class="l">{_e(r.arch)}</td><td class="l">{_e(r.status)}</td>'
-                   f'<td class="l">{_e((r.error or {}).get("type", ""))}: {_e((r.error or {}).get("message", ""))}</td></tr>'
+    rows = "".join(f'<tr><td class="l">{esc(r.name)}</td><td class="l">{esc(r.arch)}</td><td class="l">{esc(r.status)}</td>'
+                   f'<td class="l">{esc((r.error or {}).get("type", ""))}: {esc((r.error or {}).get("message", ""))}</td></tr>'
                    for r in bad)
     return (f'<h2 id="failed">Failed or unfinished runs ({len(bad)})</h2><div class="fail"><table><thead><tr>'
             f'<th class="l">run</th><th class="l">pattern</th><th class="l">status</th><th class="l">error</th></tr></thead>'
@@ -114,18 +114,18 @@ def render(title: str, sources: list[str], runs: list[Run], metric: str, charts:
     """The whole page; ``charts`` are (id, heading, figure or None when no run has that data); ``bench`` is the
     ``--bench`` section's HTML, placed right after the runs table so efficiency reads beside quality."""
     done = [r for r in runs if r.status == "completed"]
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>",
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style>",
              f"<script>{get_plotlyjs()}</script></head><body>",
-             f"<h1>{_e(title)}</h1><p class='sub'>{len(done)} completed of {len(runs)} runs from {_e(', '.join(sources))}; "
-             f"ranked by <b>{_e(metric)}</b>; built {time.strftime('%Y-%m-%d %H:%M')}.</p>"]
+             f"<h1>{esc(title)}</h1><p class='sub'>{len(done)} completed of {len(runs)} runs from {esc(', '.join(sources))}; "
+             f"ranked by <b>{esc(metric)}</b>; built {time.strftime('%Y-%m-%d %H:%M')}.</p>"]
     if warnings:
-        parts.append("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul></div>")
+        parts.append("<div class='warn'><b>Warnings</b><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul></div>")
     parts.append(failures(runs))
     parts.append("<h2 id='runs'>Runs by architecture</h2>" + (runs_table(done, metric) if done else
                                                                 "<p class='note'>No run completed.</p>"))
     parts.append(bench)
     for cid, heading, fig in charts:
-        parts.append(f"<h2 id='{cid}'>{_e(heading)}</h2>")
+        parts.append(f"<h2 id='{cid}'>{esc(heading)}</h2>")
         if fig is None:
             parts.append("<p class='note'>No run in this comparison has this data.</p>")
         else:
