@@ -52,11 +52,13 @@ def test_unsupported_mixers_are_named():
         GraphDecoder(model, cache, capture=False)
 
 
-def test_generate_falls_back_and_matches():
+def test_generate_through_the_static_step_matches_ordinary_decoding():
+    """generate(cuda_graph=True) off CUDA runs the static (capturable) step eagerly: same tokens."""
     model = _model("MWMA")
-    prompt = torch.randint(0, 64, (2, 5))
-    eager = model.generate(prompt, 6, cuda_graph=False)
-    assert eager.shape == (2, 11)
+    prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    eager = model.generate(prompt, 9, cuda_graph=False)
+    static = model.generate(prompt, 9, cuda_graph=True)
+    assert eager.shape == (2, 14) and torch.equal(static, eager)
 
 
 @pytest.mark.gpu
