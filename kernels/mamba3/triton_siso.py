@@ -33,30 +33,49 @@ from hybrid.kernels.mamba3.common import Mamba3State, rotate
 
 
 @triton.jit
-def _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot,
-            ANGLE_DT: tl.constexpr):
-    """(C, N/2) cumulative angles of one chunk for one head; columns >= S get angle 0."""
-    smask = n < S
-    om = tl.load(OMEGA + b * s_ob + t[:, None] * s_ot + n[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
+def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT: tl.constexpr):
+    """cos and sin of the (C, NB) cumulative angles of pairs ``nb`` in one chunk for one head (angle 0 past S)."""
+    smask = nb < S
+    om = tl.load(OMEGA + b * s_ob + t[:, None] * s_ot + nb[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
     om = om.to(tl.float32)
     if ANGLE_DT:
         om = om * dt[:, None]
-    off = tl.load(THETA_OFF + ((b * nc + c) * H + h) * S + n, mask=smask, other=0.0)
-    return tl.cumsum(om, axis=0) + off[None, :]
+    off = tl.load(THETA_OFF + ((b * nc + c) * H + h) * S + nb, mask=smask, other=0.0)
+    theta = tl.cumsum(om, axis=0) + off[None, :]
+    return tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
-def _load_rotated(PTR, BIAS, t, tmask, n, base, s_t, cos, sin, h, N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HAS_ROT: tl.constexpr):
-    """Even and odd channels of (C, N) rows at PTR + base + t * s_t (stored as [even | odd] halves, so both
-    loads are contiguous), plus the head's bias, rotated."""
-    e = tl.load(PTR + base + t[:, None] * s_t + n[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-    o = tl.load(PTR + base + t[:, None] * s_t + N // 2 + n[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+def _load_pairs(PTR, BIAS, t, tmask, nb, base, s_t, h, N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Even and odd channels of pairs ``nb`` of (C, N) rows at PTR + base + t * s_t, stored as [even | odd]
+    halves (so both loads are contiguous), plus the head's bias, in float32."""
+    e = tl.load(PTR + base + t[:, None] * s_t + nb[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(PTR + base + t[:, None] * s_t + N // 2 + nb[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
     if HAS_BIAS:
-        e += tl.load(BIAS + h * N + n).to(tl.float32)[None, :]
-        o += tl.load(BIAS + h * N + N // 2 + n).to(tl.float32)[None, :]
-    if HAS_ROT:
-        e, o = e * cos - o * sin, e * sin + o * cos
+        e += tl.load(BIAS + h * N + nb).to(tl.float32)[None, :]
+        o += tl.load(BIAS + h * N + N // 2 + nb).to(tl.float32)[None, :]
+    return e, o
+
+
+@triton.jit
+def _rotate(e, o, cos, sin):
+    return e * cos - o * sin, e * sin + o * cos
+
+
+@triton.jit
+def _unrotate(de, do, cos, sin):
+    """Transpose of ``_rotate``: carries gradients back to the un-rotated channels."""
+    return de * cos + do * sin, do * cos - de * sin
+
+
+@triton.jit
+def _rotated_pairs(PTR, BIAS, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_t, b, c, h, nc, H, S, s_ob, s_ot,
+                   N: tl.constexpr, HAS_BIAS: tl.constexpr, ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """``_load_pairs`` rotated by the tokens' angles when ROT (the block holds rotated pairs)."""
+    e, o = _load_pairs(PTR, BIAS, t, tmask, nb, base, s_t, h, N, HAS_BIAS)
+    if ROT:
+        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        e, o = _rotate(e, o, cos, sin)
     return e, o
 
 
@@ -75,50 +94,56 @@ def _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah):
 
 
 @triton.jit
-def _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc, s_ab, s_at, s_ah, s_ob, s_ot,
-                 C: tl.constexpr, N2: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    """What every chunk kernel starts from: token indices, coefficients, and cos/sin of the angles."""
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    n = tl.arange(0, N2)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
-    cos = 0.0
-    sin = 0.0
-    if HAS_ROT:
-        theta = _angles(OMEGA, THETA_OFF, dt, t, tmask, n, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-        cos, sin = tl.cos(theta), tl.sin(theta)
-    return t, tmask, n, cs, scale, gamma, cos, sin
+def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                  C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                  HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, dtype: tl.constexpr):
+    """(C, C) scores q_j . k_i of rotated, biased q and k, summed over column blocks of NB pairs so that only
+    one block of q and k is live at a time."""
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+        kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT)
+        scores += tl.dot(qE.to(dtype), tl.trans(kE.to(dtype)))
+        scores += tl.dot(qO.to(dtype), tl.trans(kO.to(dtype)))
+    return scores
 
 
 @triton.jit
 def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
                      T, H, S, nc, heads_per_group,
                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                     C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                     HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+                     C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                     HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
-                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
     p = tl.arange(0, P)
-    kE, kO = _load_rotated(K, KB, t, tmask, n, b * s_kb + g * s_kg, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
-    w_end = tl.exp(cs_last - cs) * scale  # (C,)
-    w_end = tl.where(tmask, w_end, 0.0)
+    w_end = tl.where(tmask, tl.exp(cs_last - cs) * scale, 0.0)  # (C,)
     xt = tl.trans(x).to(X.dtype.element_ty)  # (P, C)
-    localE = tl.dot(xt, (kE * w_end[:, None]).to(X.dtype.element_ty))  # (P, N/2)
-    localO = tl.dot(xt, (kO * w_end[:, None]).to(X.dtype.element_ty))
     base = LOCAL + ((b * nc + c) * H + h) * P * 2 * N2
-    tl.store(base + p[:, None] * 2 * N2 + n[None, :], localE)
-    tl.store(base + p[:, None] * 2 * N2 + N2 + n[None, :], localO)
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
+                                s_ob, s_ot, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT)
+        localE = tl.dot(xt, (kE * w_end[:, None]).to(X.dtype.element_ty))  # (P, NB)
+        localO = tl.dot(xt, (kO * w_end[:, None]).to(X.dtype.element_ty))
+        tl.store(base + p[:, None] * 2 * N2 + nb[None, :], localE.to(LOCAL.dtype.element_ty))
+        tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], localO.to(LOCAL.dtype.element_ty))
     tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
 
 
 @triton.jit
 def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.constexpr):
+    """G_c = e^{cs_last} G_{c-1} + local_c, added in float32 whatever the storage type of the chunk states."""
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -126,9 +151,9 @@ def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.c
     g = tl.load(G0 + bh * PN + offs, mask=m, other=0.0)
     for c in range(nc):
         idx = (b * nc + c) * H + h
-        tl.store(G_IN + idx * PN + offs, g, mask=m)
+        tl.store(G_IN + idx * PN + offs, g.to(G_IN.dtype.element_ty), mask=m)
         decay = tl.exp(tl.load(CS_LAST + idx))
-        g = decay * g + tl.load(LOCAL + idx * PN + offs, mask=m, other=0.0)
+        g = decay * g + tl.load(LOCAL + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(G_FINAL + bh * PN + offs, g, mask=m)
 
 
@@ -136,32 +161,35 @@ def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.c
 def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
                     T, H, S, nc, heads_per_group,
                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                    C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
-                    HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+                    C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
-                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
-    qE, qO = _load_rotated(Q, QB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
-    kE, kO = _load_rotated(K, KB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
     dtype = X.dtype.element_ty
-    qE, qO, kE, kO = qE.to(dtype), qO.to(dtype), kE.to(dtype), kO.to(dtype)
-    scores = tl.dot(qE, tl.trans(kE)) + tl.dot(qO, tl.trans(kO))  # (C, C)
+    scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
     decay = tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0))  # exponent <= 0 where used
     w = tl.where(below, decay * scale[None, :], tl.where(i[:, None] == i[None, :], gamma[None, :], 0.0))
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     y = tl.dot((scores * w).to(dtype), x.to(dtype))  # (C, P)
+    ecs = tl.exp(cs)
     gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    gE = tl.load(gbase + p[:, None] * 2 * N2 + n[None, :]).to(dtype)  # (P, N/2)
-    gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + n[None, :]).to(dtype)
-    y += tl.exp(cs)[:, None] * (tl.dot(qE, tl.trans(gE)) + tl.dot(qO, tl.trans(gO)))
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+        gE = tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
+        gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
+        y += ecs[:, None] * (tl.dot(qE.to(dtype), tl.trans(gE)) + tl.dot(qO.to(dtype), tl.trans(gO)))
     if HAS_D:
         y += tl.load(D + h).to(tl.float32) * x.to(tl.float32)
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
@@ -192,6 +220,25 @@ def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | Non
     if not (pow2(chunk_size) and chunk_size >= 16):
         return f"chunk_size must be a power of two >= 16, got {chunk_size}"
     return None
+
+
+# Pairs per column block: the chunk kernels walk the state channels in blocks of this many pairs (and their
+# cos/sin), so that only one block of rotated q and k is live beside the (C, C) tiles. Tests lower it to
+# cover several blocks at tiny d_state.
+COL_BLOCK = 32
+
+
+def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, angle_dt: bool) -> dict:
+    """Compile-time shape flags shared by the chunk kernels (forward and backward)."""
+    n2 = d_state // 2
+    nb = min(COL_BLOCK, n2)
+    return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage type of the per-chunk states: 16-bit with 16-bit activations (the kernels cast states to the
+    activation type before their matmuls anyway), float32 otherwise. Sums across chunks are always fp32."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _to_eo(t: torch.Tensor) -> torch.Tensor:
@@ -262,13 +309,13 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     qb = _to_eo(q_bias).contiguous() if q_bias is not None else q
     kb = _to_eo(k_bias).contiguous() if k_bias is not None else k
 
-    local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=torch.float32)
+    local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
                dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1))
-    flags = dict(C=C, N2=N // 2, P=P, HAS_ROT=omega is not None, ANGLE_DT=angle_dt)
+    flags = kernel_flags(C, N, P, S, angle_dt)
     _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
-                                    T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
+                                          T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 
     # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
     g0 = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
@@ -276,7 +323,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
         beta0 = (dt[:, 0] * (1 - lam[:, 0])).float()  # (B, H)
         prev = initial_state.v.float()[..., :, None] * initial_state.k[:, 0].float()[..., None, :]  # (B, H, P, N)
         g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
-    g_in = torch.empty_like(local)
+    g_in = torch.empty_like(local)  # in the storage type of the chunk states; the passing adds in fp32
     g_final = torch.empty_like(g0)
     PN = P * N
     BLOCK = min(1024, triton.next_power_of_2(PN))
@@ -284,8 +331,8 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
 
     y = torch.empty_like(v)
     _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
-                                   g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
-                                   HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
+                                         g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
+                                         HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
 
     # Final cache: last token's biased key rotated with its own angle, and its raw value.
     k_last = k_nat[:, -1].float().repeat_interleave(H // G, dim=1)  # (B, H, N)

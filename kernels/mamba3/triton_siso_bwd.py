@@ -26,34 +26,52 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hybrid.kernels.mamba3.triton_siso import _chunk_setup, _from_eo, _load_rotated, _to_eo, tuned
+from hybrid.kernels.mamba3.triton_siso import (
+    _block_trig,
+    _chunk_coeffs,
+    _chunk_scores,
+    _from_eo,
+    _load_pairs,
+    _rotate,
+    _rotated_pairs,
+    _to_eo,
+    _unrotate,
+    kernel_flags,
+    state_dtype,
+    tuned,
+)
 
 
 @triton.jit
 def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, DY, DG_IN,
                       T, H, S, nc, heads_per_group,
                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                      C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                      HAS_QB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
-    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
-                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
     p = tl.arange(0, P)
-    qE, qO = _load_rotated(Q, QB, t, tmask, n, b * s_kb + g * s_kg, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
     dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     dtype = DY.dtype.element_ty
     dye = tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]).to(dtype)  # (P, C)
     base = DG_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    tl.store(base + p[:, None] * 2 * N2 + n[None, :], tl.dot(dye, qE.to(dtype)))
-    tl.store(base + p[:, None] * 2 * N2 + N2 + n[None, :], tl.dot(dye, qO.to(dtype)))
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
+                                s_ob, s_ot, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+        tl.store(base + p[:, None] * 2 * N2 + nb[None, :], tl.dot(dye, qE.to(dtype)).to(DG_IN.dtype.element_ty))
+        tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], tl.dot(dye, qO.to(dtype)).to(DG_IN.dtype.element_ty))
 
 
 @triton.jit
 def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H, nc, PN, nblk,
                        BLOCK: tl.constexpr):
+    """Reverse of ``_state_passing_fwd``: adds in float32 whatever the storage type of the chunk states."""
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -62,130 +80,165 @@ def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H
     for i in range(nc):
         c = nc - 1 - i
         idx = (b * nc + c) * H + h
-        tl.store(DLOCAL + idx * PN + offs, ds, mask=m)
+        tl.store(DLOCAL + idx * PN + offs, ds.to(DLOCAL.dtype.element_ty), mask=m)
         decay = tl.exp(tl.load(CS_LAST + idx))
-        g = tl.load(G_IN + idx * PN + offs, mask=m, other=0.0)
+        g = tl.load(G_IN + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(DCSL_PART + idx * nblk + blk, tl.sum(ds * g, axis=0) * decay)
-        ds = decay * ds + tl.load(DG_IN + idx * PN + offs, mask=m, other=0.0)
+        ds = decay * ds + tl.load(DG_IN + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(DG0 + bh * PN + offs, ds, mask=m)
 
 
 @triton.jit
-def _chunk_bwd_prologue(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, g, T, H, S, nc,
-                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                        C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    """What both backward kernels recompute for one (chunk, head): coefficients, rotated q/k, x, dy."""
-    t, tmask, n, cs, scale, gamma, cos, sin = _chunk_setup(A, DT, LAM, OMEGA, THETA_OFF, c, b, h, T, H, S, nc,
-                                                          s_ab, s_at, s_ah, s_ob, s_ot, C, N2, HAS_ROT, ANGLE_DT)
-    p = tl.arange(0, P)
-    base = b * s_kb + g * s_kg
-    qE, qO = _load_rotated(Q, QB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_QB, HAS_ROT)
-    kE, kO = _load_rotated(K, KB, t, tmask, n, base, s_kt, cos, sin, h, 2 * N2, HAS_KB, HAS_ROT)
-    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
-    x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-    return t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off
-
-
-@triton.jit
-def _intra_weights(q16E, q16O, k16E, k16O, x16, dy16, cs, scale, gamma, C: tl.constexpr):
-    """The forward's intra-chunk weights and the two score matrices, [query j, key i]."""
-    scores = tl.dot(q16E, tl.trans(k16E)) + tl.dot(q16O, tl.trans(k16O))  # q_j.k_i
-    dyx = tl.dot(dy16, tl.trans(x16))  # dy_j.x_i
+def _intra_weights(cs, scale, gamma, C: tl.constexpr):
+    """The forward's (C, C) intra-chunk decay and weights, [query j, key i]."""
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
     diag = i[:, None] == i[None, :]
     decay = tl.where(below, tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0)), 0.0)
     w = decay * scale[None, :] + tl.where(diag, gamma[None, :], 0.0)
-    return scores, dyx, decay, w, below, diag
+    return decay, w, below, diag
 
 
 @triton.jit
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
-                       DQH, DCS_PART, DSCALE, DGAMMA, DTHETA,
+                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                       C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    """Query side of chunk c: dq (un-rotated, per head), the decay/scale/gamma terms of the intra and
-    inter parts, and the query half of d angle."""
+                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
+    decay/scale/gamma terms of the intra and inter parts, and the query half of d angle."""
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
-        Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
-        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, C, N2, P, HAS_QB, HAS_KB, HAS_ROT, ANGLE_DT)
+    g = h // heads_per_group
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    p = tl.arange(0, P)
+    base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
-    q16E, q16O, dy16 = qE.to(dtype), qO.to(dtype), dy.to(dtype)
-    scores, dyx, decay, w, below, diag = _intra_weights(q16E, q16O, kE.to(dtype), kO.to(dtype), x.to(dtype), dy16,
-                                                        cs, scale, gamma, C)
+    scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
+    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
+    x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
+    decay, w, below, diag = _intra_weights(cs, scale, gamma, C)
     dw = scores * dyx
-    a1 = (dyx * w).to(dtype)
-    dqE = tl.dot(a1, kE.to(dtype))
-    dqO = tl.dot(a1, kO.to(dtype))
-    gbase = ((b * nc + c) * H + h) * P * 2 * N2 + p[:, None] * 2 * N2 + n[None, :]
-    dyGE = tl.dot(dy16, tl.load(G_IN + gbase).to(dtype))  # (C, N/2): rows of dy^T G
-    dyGO = tl.dot(dy16, tl.load(G_IN + gbase + N2).to(dtype))
-    ecs = tl.exp(cs)
-    inter = ecs * (tl.sum(dyGE * qE, axis=1) + tl.sum(dyGO * qO, axis=1))
-    dqE += ecs[:, None] * dyGE
-    dqO += ecs[:, None] * dyGO
     pw = tl.where(below, dw * w, 0.0)
+    dcs = tl.sum(pw, axis=1) - tl.sum(pw, axis=0)
+    dscale = tl.sum(tl.where(below, dw * decay, 0.0), axis=0)
+    dgamma = tl.sum(tl.where(diag, dw, 0.0), axis=1)
+    a1 = (dyx * w).to(dtype)
+
+    ecs = tl.exp(cs)
+    gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
+    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
+    part = DQB_PART + ((b * nc + c) * H + h) * 2 * N2
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
+        kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
+        if j < ROT_BLOCKS:
+            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+            qE, qO = _rotate(qE, qO, cos, sin)
+            kE, kO = _rotate(kE, kO, cos, sin)
+        dyGE = tl.dot(dy, tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype))  # (C, NB): rows of dy^T G
+        dyGO = tl.dot(dy, tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype))
+        dcs += ecs * (tl.sum(dyGE * qE, axis=1) + tl.sum(dyGO * qO, axis=1))  # inter part
+        dqE = tl.dot(a1, kE.to(dtype)) + ecs[:, None] * dyGE
+        dqO = tl.dot(a1, kO.to(dtype)) + ecs[:, None] * dyGO
+        if j < ROT_BLOCKS:
+            dth = qE * dqO - qO * dqE  # d/dtheta of (e c - o s, e s + o c), query half
+            tl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + nb[None, :], dth,
+                     mask=tmask[:, None] & (nb < S)[None, :])
+            dqE, dqO = _unrotate(dqE, dqO, cos, sin)
+        tl.store(DQH + qk_off + nb[None, :], dqE, mask=tmask[:, None])
+        tl.store(DQH + qk_off + N2 + nb[None, :], dqO, mask=tmask[:, None])
+        if HAS_QB:
+            tl.store(part + nb, tl.sum(dqE, axis=0))
+            tl.store(part + N2 + nb, tl.sum(dqO, axis=0))
     coef = b * s_ab + t * s_at + h * s_ah
-    tl.store(DCS_PART + coef, tl.sum(pw, axis=1) - tl.sum(pw, axis=0) + inter, mask=tmask)
-    tl.store(DSCALE + coef, tl.sum(tl.where(below, dw * decay, 0.0), axis=0), mask=tmask)
-    tl.store(DGAMMA + coef, tl.sum(tl.where(diag, dw, 0.0), axis=1), mask=tmask)
-    if HAS_ROT:
-        dth = qE * dqO - qO * dqE  # d/dtheta of (e c - o s, e s + o c), query half
-        tl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + n[None, :], dth, mask=tmask[:, None] & (n < S)[None, :])
-        dqE, dqO = dqE * cos + dqO * sin, dqO * cos - dqE * sin
-    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2 + n[None, :]
-    tl.store(DQH + qk_off, dqE, mask=tmask[:, None])
-    tl.store(DQH + qk_off + N2, dqO, mask=tmask[:, None])
+    tl.store(DCS_PART + coef, dcs, mask=tmask)
+    tl.store(DSCALE + coef, dscale, mask=tmask)
+    tl.store(DGAMMA + coef, dgamma, mask=tmask)
 
 
 @triton.jit
 def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
-                         DCS_PART, DSCALE, DTHETA, DKH, DX, DA, DTHETA_TOT, DD_PART,
+                         DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DX, DA, DTHETA_TOT, DD_PART,
                          T, H, S, nc, heads_per_group,
                          s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
-                         C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr,
-                         HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    """Key/value side of chunk c: dk (un-rotated, per head), dx, the local-state terms, d log-decay (reverse
-    cumulative sum of everything d cs), d scale, d D, and d angle (completed and reverse-summed)."""
+                         C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr):
+    """Key/value side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), dx, the
+    local-state terms, d log-decay (reverse cumulative sum of everything d cs), d scale, d D, and d angle
+    (completed and reverse-summed)."""
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
-    t, tmask, n, p, cs, scale, gamma, cos, sin, qE, qO, kE, kO, x, dy, xy_off = _chunk_bwd_prologue(
-        Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DY, c, b, h, h // heads_per_group, T, H, S, nc,
-        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, C, N2, P, HAS_QB, HAS_KB, HAS_ROT, ANGLE_DT)
+    g = h // heads_per_group
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    p = tl.arange(0, P)
+    base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
-    q16E, q16O, k16E, k16O = qE.to(dtype), qO.to(dtype), kE.to(dtype), kO.to(dtype)
-    x16, dy16 = x.to(dtype), dy.to(dtype)
-    scores, dyx, decay, w, below, diag = _intra_weights(q16E, q16O, k16E, k16O, x16, dy16, cs, scale, gamma, C)
-    a1t = tl.trans((dyx * w).to(dtype))
-    dkE = tl.dot(a1t, q16E)
-    dkO = tl.dot(a1t, q16O)
-    dx = tl.dot(tl.trans((scores * w).to(dtype)), dy16)  # (C, P)
+    scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
+    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
+    x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    decay, w, below, diag = _intra_weights(cs, scale, gamma, C)
+    dx = tl.dot(tl.trans((scores * w).to(dtype)), dy)  # (C, P)
+    a1t = tl.trans((tl.dot(dy, tl.trans(x)) * w).to(dtype))  # [key i, query j] of (dy_j . x_i) w_ji
 
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     cs_last = tl.min(cs, axis=0)
     to_end = tl.where(tmask, tl.exp(cs_last - cs), 0.0)
     e = to_end * scale
-    gbase = ((b * nc + c) * H + h) * P * 2 * N2 + p[:, None] * 2 * N2 + n[None, :]
-    dLE = tl.load(DLOCAL + gbase).to(dtype)
-    dLO = tl.load(DLOCAL + gbase + N2).to(dtype)
-    dx += e[:, None] * (tl.dot(k16E, tl.trans(dLE)) + tl.dot(k16O, tl.trans(dLO)))
-    xdLE = tl.dot(x16, dLE)  # (C, N/2)
-    xdLO = tl.dot(x16, dLO)
-    dkE += e[:, None] * xdLE
-    dkO += e[:, None] * xdLO
-    m_loc = (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end  # d scale_i from the local state
+    m_loc = tl.zeros((C,), dtype=tl.float32)  # d scale_i from the local state, over all channel blocks
+    lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
+    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
+    part = DKB_PART + ((b * nc + c) * H + h) * 2 * N2
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
+        kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
+        if j < ROT_BLOCKS:
+            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+            qE, qO = _rotate(qE, qO, cos, sin)
+            kE, kO = _rotate(kE, kO, cos, sin)
+        dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
+        dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
+        k16E, k16O = kE.to(dtype), kO.to(dtype)
+        dx += e[:, None] * (tl.dot(k16E, tl.trans(dLE)) + tl.dot(k16O, tl.trans(dLO)))
+        xdLE = tl.dot(x, dLE)  # (C, NB)
+        xdLO = tl.dot(x, dLO)
+        m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end
+        dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
+        dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
+        if j < ROT_BLOCKS:
+            smask = nb < S
+            th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
+            th_mask = tmask[:, None] & smask[None, :]
+            dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
+            # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
+            # (each chunk's total added to all earlier chunks) in the glue.
+            total = tl.sum(dth, axis=0)
+            tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
+            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
+            dkE, dkO = _unrotate(dkE, dkO, cos, sin)
+        tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
+        tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
+        if HAS_KB:
+            tl.store(part + nb, tl.sum(dkE, axis=0))
+            tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
     if HAS_D:
-        dx += tl.load(D + h).to(tl.float32) * dy
-        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dy, axis=1), axis=0))
+        dyf = dy.to(tl.float32)
+        dx += tl.load(D + h).to(tl.float32) * dyf
+        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x.to(tl.float32) * dyf, axis=1), axis=0))
 
     coef = b * s_ab + t * s_at + h * s_ah
     i = tl.arange(0, C)
@@ -194,21 +247,6 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     dcs += tl.where(i == C - 1, dcs_last, 0.0)  # cs_last is cs at the chunk's end (padding adds no decay)
     tl.store(DA + coef, tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tmask)  # cs = cumsum(a)
     tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
-
-    if HAS_ROT:
-        smask = n < S
-        th_off = ((b * T + t[:, None]) * H + h) * S + n[None, :]
-        th_mask = tmask[:, None] & smask[None, :]
-        dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
-        # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
-        # (each chunk's total added to all earlier chunks) in the glue.
-        total = tl.sum(dth, axis=0)
-        tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
-        tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + n, total, mask=smask)
-        dkE, dkO = dkE * cos + dkO * sin, dkO * cos - dkE * sin
-    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2 + n[None, :]
-    tl.store(DKH + qk_off, dkE, mask=tmask[:, None])
-    tl.store(DKH + qk_off + N2, dkO, mask=tmask[:, None])
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
@@ -232,11 +270,11 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     has_rot, has_qb, has_kb, has_d = S > 0 and ctx["has_rot"], ctx["has_qb"], ctx["has_kb"], ctx["has_d"]
     dy = dy.contiguous()
     strides = ctx["strides"]
-    flags = dict(C=C, N2=N // 2, P=P, HAS_ROT=ctx["has_rot"], ANGLE_DT=angle_dt)
+    flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt)
 
-    dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=torch.float32)
+    dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], dy, dg_in, T, H, S, nc, H // G,
-                                     *strides, HAS_QB=has_qb, **flags)
+                                           *strides, HAS_QB=has_qb, **flags)
 
     PN = P * N
     BLOCK = min(1024, triton.next_power_of_2(PN))
@@ -253,6 +291,9 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
 
     f32 = dict(device=dev, dtype=torch.float32)
     dqh, dkh = torch.empty(Bsz, T, H, N, **f32), torch.empty(Bsz, T, H, N, **f32)
+    # Per-(chunk, head) sums of dq / dk for the bias gradients: far smaller than a second pass over dqh / dkh.
+    dqb_part = torch.empty(Bsz, nc, H, N, **f32) if has_qb else dqh
+    dkb_part = torch.empty(Bsz, nc, H, N, **f32) if has_kb else dkh
     dx = torch.empty_like(v)
     da, dscale, dgamma = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
     dtheta = torch.empty(Bsz, T, H, max(S, 1), **f32)
@@ -261,10 +302,11 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], ctx["g_in"], dy,
-                                            dqh, dcs_part, dscale, dgamma, dtheta, *common,
+                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                              dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dx, da, dtheta_tot, dd_part,
+                                              dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
+                                              dd_part,
                                               *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
@@ -283,15 +325,18 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dkh_last = dkl
 
     hpg = H // G
+    dk_bias = _from_eo(dkb_part.sum((0, 1))) if has_kb else None
     if dkh_last is not None:
         dkh[:, -1] += _to_eo(dkh_last)
+        if has_kb:
+            dk_bias = dk_bias + dkh_last.sum(0)
     # The [even | odd] layout is a fixed channel permutation: it commutes with the sums over heads and over
     # (B, T), so sum first and permute only the small results (the per-head tensors are 0.5 GB each at 8 x 4k).
     grads: dict[str, torch.Tensor | None] = {
         "q": _from_eo(dqh.view(Bsz, T, G, hpg, N).sum(3)),
         "k": _from_eo(dkh.view(Bsz, T, G, hpg, N).sum(3)),
-        "q_bias": _from_eo(dqh.sum((0, 1))) if has_qb else None,
-        "k_bias": _from_eo(dkh.sum((0, 1))) if has_kb else None,
+        "q_bias": _from_eo(dqb_part.sum((0, 1))) if has_qb else None,
+        "k_bias": dk_bias,
         "D": dd_part.sum((0, 1)) if has_d else None,
         "log_decay": da,
     }
