@@ -14,6 +14,12 @@ per rank with learned (H, R, P) scales; the R gated outputs are contracted with 
 SISO pairs state channels (2i, 2i+1) for the rotation, MIMO pairs (i, i + N/2) (as published; the two
 are a fixed channel permutation apart). There is no short convolution. Numbers, equations and inits
 follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
+
+Backends: with ``backend`` auto (on CUDA) or triton, the chunked scan runs the Triton kernels, forward and
+backward (SISO: ``siso.py``; MIMO: ``mimo.py``, chunk_size * R rows per chunk), and decode steps run a
+fused Triton step kernel. Packed batches (``seq_idx``) and shapes the kernels do not support (d_state a
+power of two >= 32, headdim a power of two >= 16, rows per chunk a power of two >= 16) use the PyTorch
+reference under auto and raise under triton.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ class Mamba3Config:
     outproj_norm: bool = False  # per-head RMSNorm of y before the gate
     norm_eps: float = 1e-5
     chunk_size: int | None = None  # power of two; None = 64 // R rounded down to a power of two
-    # auto = Triton kernels on CUDA where they apply (SISO, unpacked batches), else the PyTorch reference
+    # auto = Triton kernels on CUDA where they apply (unpacked batches, supported shapes), else the PyTorch reference
     backend: Literal["auto", "triton", "torch"] = "auto"
 
     def __post_init__(self):
@@ -258,11 +264,12 @@ class Mamba3(Mixer):
         elif cfg.rotation == "data_independent":
             dtheta = self.rope_freq.to(cdt).expand(Bsz, T, H, self.S)
 
-        if self._use_triton(x, seq_idx):
-            y = self._triton_scan(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, T, 1, H, P)
-            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
         if cache is not None and T == 1 and self._use_triton_mimo_step(x):
             y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, 1, R, H, P)
+            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+        if self._use_triton(x, seq_idx):
+            scan = self._triton_mimo_scan if cfg.mimo else self._triton_scan
+            y = scan(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, T, R, H, P)
             return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
         params = dict(q_bias=getattr(self, "C_bias", None), k_bias=getattr(self, "B_bias", None), D=self.D,
                       v_rank=getattr(self, "mimo_x", None), pairing=self.pairing)
@@ -279,8 +286,9 @@ class Mamba3(Mixer):
         return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
 
     def _use_triton(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
+        """Whether the chunked scan (training, prefill; SISO also its decode step) runs the Triton kernels."""
         backend = self.cfg.backend
-        if backend == "torch" or self.cfg.mimo:
+        if backend == "torch":
             return False
         usable = seq_idx is None and triton_runnable(x, backend)  # "auto" never picks the CPU interpreter
         if backend == "triton" and not usable:
@@ -289,14 +297,19 @@ class Mamba3(Mixer):
         if usable:
             from hybrid.kernels.mamba3.triton_siso import unsupported_reason
 
-            reason = unsupported_reason(self.N, self.P, self.cfg.resolved_chunk_size)
+            # MIMO chunks hold chunk_size * R rows (time-major), the tile side the kernels need to be a power of two.
+            rows = self.cfg.resolved_chunk_size * (self.R if self.cfg.mimo else 1)
+            reason = unsupported_reason(self.N, self.P, rows)
+            if reason is not None and self.cfg.mimo and reason.startswith("chunk_size"):
+                reason = (f"MIMO rows per chunk (chunk_size {self.cfg.resolved_chunk_size} x mimo_rank {self.R} = {rows}) "
+                          "must be a power of two >= 16")
             if reason is not None and backend == "triton":
                 raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
             usable = reason is None
         return usable
 
     def _use_triton_mimo_step(self, x: torch.Tensor) -> bool:
-        """MIMO decode steps run the fused Triton kernel (its chunked scan has no kernel yet: PyTorch)."""
+        """Whether MIMO decode steps run the fused Triton step kernel (the chunked scan: ``_use_triton``)."""
         backend = self.cfg.backend
         if backend == "torch" or not self.cfg.mimo:
             return False
@@ -327,6 +340,20 @@ class Mamba3(Mixer):
                               getattr(self, "C_bias", None), getattr(self, "B_bias", None),
                               getattr(self, "mimo_x", None), self.D, self.pairing)
         return y[:, None]  # (B, 1, R, H, P)
+
+    def _triton_mimo_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+        """MIMO chunked scan (training, prefill) through the Triton kernels, "half" pairing; reads and
+        updates the cache when given (decode steps go through ``_triton_mimo_step`` or the reference)."""
+        from hybrid.kernels.mamba3.mimo import mamba3_mimo_chunk
+
+        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], xs.shape[1])
+        y, state = mamba3_mimo_chunk(Cm, Bm, xs, log_decay, dt, lam, omega, angle_dt, getattr(self, "C_bias", None),
+                                     getattr(self, "B_bias", None), self.D, self.mimo_x,
+                                     initial_state=None if cache is None else cache.state(),
+                                     chunk_size=self.cfg.resolved_chunk_size)
+        if cache is not None:
+            cache.update(state)
+        return y  # (B, T, R, H, P)
 
     def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
         """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""

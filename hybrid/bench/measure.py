@@ -133,8 +133,9 @@ def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
         name, cfg = type(module).__name__, getattr(module, "cfg", None)
         if isinstance(module, Mamba3):  # Triton kernels or the PyTorch reference
             if module.cfg.mimo:
+                scan = "triton" if module._use_triton(probe, None) else "torch"
                 step = "triton" if module._use_triton_mimo_step(probe) else "torch"
-                out[name] = f"torch scan, {step} decode step"
+                out[name] = f"{scan} scan, {step} decode step"
             else:
                 out[name] = "triton" if module._use_triton(probe, None) else "torch"
         elif cfg is not None and isinstance(getattr(cfg, "backend", None), str):
