@@ -76,4 +76,6 @@ def test_gpu_layer_mimo_decode_matches_torch():
     with torch.no_grad():
         outs = [torch.cat([m(x[:, :32], cache=c)] + [m(x[:, t:t + 1], cache=c) for t in range(32, 40)], 1)
                 for m, c in zip((ref, fast), caches)]
-    assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 1e-4
+    # The prefill runs the Triton chunk kernels, whose fp32 matmuls use TF32 (10-bit mantissa inputs).
+    err = float((outs[1] - outs[0]).norm() / outs[0].norm())
+    assert err < 5e-3, err

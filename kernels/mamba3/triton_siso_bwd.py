@@ -100,6 +100,15 @@ def _intra_weights(cs, scale, gamma, C: tl.constexpr):
 
 
 @triton.jit
+def _intra_weights_t(cs, scale, gamma, C: tl.constexpr):
+    """Transpose of ``_intra_weights``' w, [key i, query j], built as such."""
+    i = tl.arange(0, C)
+    above = i[:, None] < i[None, :]
+    decay_t = tl.where(above, tl.exp(tl.where(above, cs[None, :] - cs[:, None], 0.0)), 0.0)
+    return decay_t * scale[:, None] + tl.where(i[:, None] == i[None, :], gamma[:, None], 0.0)
+
+
+@triton.jit
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
                        DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA,
                        T, H, S, nc, heads_per_group,
@@ -185,14 +194,15 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
-    scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
     x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
     dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
-    decay, w, below, diag = _intra_weights(cs, scale, gamma, C)
-    dx = tl.dot(tl.trans((scores * w).to(dtype)), dy)  # (C, P)
-    a1t = tl.trans((tl.dot(dy, tl.trans(x)) * w).to(dtype))  # [key i, query j] of (dy_j . x_i) w_ji
+    # Key-major: rows are keys i, columns queries j, so no (C, C) tile is transposed in registers.
+    scores_t = _chunk_scores(K, Q, KB, QB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                             C, N2, NB, ROT_BLOCKS, HAS_KB, HAS_QB, ANGLE_DT, dtype)  # k_i . q_j
+    w_t = _intra_weights_t(cs, scale, gamma, C)
+    dx = tl.dot((scores_t * w_t).to(dtype), dy)  # (C, P)
+    a1t = (tl.dot(x, tl.trans(dy)) * w_t).to(dtype)  # [key i, query j] of (dy_j . x_i) w_ji
 
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     cs_last = tl.min(cs, axis=0)
@@ -304,10 +314,14 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
+    # dk/dx walks all channels as one block: Triton 3.6 on an H100 miscompiles this kernel with two or more
+    # blocks (non-finite, run-to-run different values, once an illegal address, from finite inputs, at every
+    # launch config; compute-sanitizer's memcheck, initcheck and racecheck see nothing). One block is exact.
     _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
                                               dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
                                               dd_part,
-                                              *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
+                                              *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
+                                              **dict(flags, NB=N // 2, ROT_BLOCKS=min(1, flags["ROT_BLOCKS"])))
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None
