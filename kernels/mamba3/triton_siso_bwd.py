@@ -175,6 +175,46 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
 
 
 @triton.jit
+def _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
+                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off,
+                N2: tl.constexpr, NB: tl.constexpr, ROT: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
+                ANGLE_DT: tl.constexpr, dtype: tl.constexpr):
+    """One column block of the key side: its dk (stored), its share of dx and of d scale, and d angle."""
+    nb = j * NB + tl.arange(0, NB)
+    qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
+    kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
+    if ROT:
+        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        qE, qO = _rotate(qE, qO, cos, sin)
+        kE, kO = _rotate(kE, kO, cos, sin)
+    dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
+    dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
+    dx += e[:, None] * (tl.dot(kE.to(dtype), tl.trans(dLE)) + tl.dot(kO.to(dtype), tl.trans(dLO)))
+    xdLE = tl.dot(x, dLE)  # (C, NB)
+    xdLO = tl.dot(x, dLO)
+    m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end
+    dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
+    dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
+    if ROT:
+        smask = nb < S
+        th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
+        th_mask = tmask[:, None] & smask[None, :]
+        dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
+        # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
+        # (each chunk's total added to all earlier chunks) in the glue.
+        total = tl.sum(dth, axis=0)
+        tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
+        tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
+        dkE, dkO = _unrotate(dkE, dkO, cos, sin)
+    tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
+    tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
+    if HAS_KB:
+        tl.store(part + nb, tl.sum(dkE, axis=0))
+        tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
+    return dx, m_loc
+
+
+@triton.jit
 def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
                          DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DX, DA, DTHETA_TOT, DD_PART,
                          T, H, S, nc, heads_per_group,
@@ -213,38 +253,9 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DKB_PART + ((b * nc + c) * H + h) * 2 * N2
     for j in tl.static_range(N2 // NB):
-        nb = j * NB + tl.arange(0, NB)
-        qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
-        kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
-        if j < ROT_BLOCKS:
-            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
-            qE, qO = _rotate(qE, qO, cos, sin)
-            kE, kO = _rotate(kE, kO, cos, sin)
-        dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
-        dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
-        k16E, k16O = kE.to(dtype), kO.to(dtype)
-        dx += e[:, None] * (tl.dot(k16E, tl.trans(dLE)) + tl.dot(k16O, tl.trans(dLO)))
-        xdLE = tl.dot(x, dLE)  # (C, NB)
-        xdLO = tl.dot(x, dLO)
-        m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end
-        dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
-        dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
-        if j < ROT_BLOCKS:
-            smask = nb < S
-            th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
-            th_mask = tmask[:, None] & smask[None, :]
-            dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
-            # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
-            # (each chunk's total added to all earlier chunks) in the glue.
-            total = tl.sum(dth, axis=0)
-            tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
-            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
-            dkE, dkO = _unrotate(dkE, dkO, cos, sin)
-        tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
-        tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
-        if HAS_KB:
-            tl.store(part + nb, tl.sum(dkE, axis=0))
-            tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
+        dx, m_loc = _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
+                                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off,
+                                N2, NB, j < ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
     if HAS_D:
         dyf = dy.to(tl.float32)
         dx += tl.load(D + h).to(tl.float32) * dyf
@@ -316,7 +327,8 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
     # dk/dx walks all channels as one block: Triton 3.6 on an H100 miscompiles this kernel with two or more
     # blocks (non-finite, run-to-run different values, once an illegal address, from finite inputs, at every
-    # launch config; compute-sanitizer's memcheck, initcheck and racecheck see nothing). One block is exact.
+    # launch config, unrolled or as a loop; compute-sanitizer's memcheck, initcheck and racecheck see nothing).
+    # One block is exact at every config (docs/perf-notes.md, v7).
     _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
                                               dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
                                               dd_part,
