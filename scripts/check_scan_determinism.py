@@ -1,0 +1,58 @@
+"""Every launch config of the Mamba-3 SISO chunk kernels, checked for finite and bit-identical results
+(a GPU diagnostic for kernel changes; it found the dk/dx miscompile logged in docs/perf-notes.md, v7).
+
+    python scripts/check_scan_determinism.py
+
+For each of the three big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
+forward + backward four times on the same bf16 inputs. Before each run, freed memory is filled with NaN
+so that a read of stale memory shows up. Prints the count of non-finite values and whether all runs agree.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, "tests")
+from hybrid.kernels.mamba3 import triton_siso as fw  # noqa: E402
+from hybrid.kernels.mamba3 import triton_siso_bwd as bw  # noqa: E402
+from test_mamba3_triton import make  # noqa: E402
+
+CONFIGS = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
+
+
+class Fixed:
+    """Stands in for an autotuned kernel: launches the plain kernel at one config."""
+
+    def __init__(self, kernel, num_warps: int, num_stages: int):
+        self.kernel, self.num_warps, self.num_stages = kernel, num_warps, num_stages
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def main() -> None:
+    inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
+    x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
+    dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
+    for name, module in (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dkdx", bw)):
+        tuned = getattr(module, name + "_tuned")
+        for warps, stages in CONFIGS:
+            setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))
+            runs = []
+            for _ in range(4):
+                torch.cuda.empty_cache()
+                torch.full((64 << 20,), float("nan"), device="cuda")  # freed at once: poisons the allocator's blocks
+                y, _, ctx = fw.chunk_forward(x["q"], x["k"], x["v"], x["log_decay"], x["dt"], x["lam"], x["omega"], True,
+                                             x["q_bias"], x["k_bias"], x["D"], st, 64)
+                grads = bw.mamba3_siso_chunk_bwd(ctx, dy, None, None, None)
+                runs.append({"y": y, **{k: v for k, v in grads.items() if v is not None}})
+            bad = sum(int((~torch.isfinite(v)).sum()) for run in runs for v in run.values())
+            same = all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
+            print(f"{name} warps {warps} stages {stages}: non-finite {bad}, identical {same}", flush=True)
+        setattr(module, name + "_tuned", tuned)
+
+
+if __name__ == "__main__":
+    main()
