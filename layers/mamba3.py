@@ -24,6 +24,7 @@ reference under auto and raise under triton.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -69,6 +70,9 @@ class Mamba3Config:
     chunk_size: int | None = None  # power of two; None = 64 // R rounded down to a power of two
     # auto = Triton kernels on CUDA where they apply (unpacked batches, supported shapes), else the PyTorch reference
     backend: Literal["auto", "triton", "torch"] = "auto"
+    # On CUDA, run the elementwise work before the scan (B/C norms, dt, decay, trapezoid gate, angle rate) and
+    # after it (norm, gate) through torch.compile: a few fused kernels instead of ~60 small launches per layer.
+    fused_elementwise: bool = True
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -144,6 +148,50 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
 def heavy_tail(u: torch.Tensor) -> torch.Tensor:
     """phi(u) = 1 + u for u >= 0, 1 / (1 - u) below: positive, C^1, and only polynomially small for u << 0."""
     return torch.where(u >= 0, 1 + u, 1 / (1 - u.clamp(max=0)))
+
+
+def ssm_inputs(Bm: torch.Tensor, Cm: torch.Tensor, u_dt: torch.Tensor, u_A: torch.Tensor, u_lam: torch.Tensor,
+               u_th: torch.Tensor, dt_bias: torch.Tensor, B_norm_weight: torch.Tensor | None,
+               C_norm_weight: torch.Tensor | None, eps: float, a_activation: str, A_floor: float, trapezoid: str,
+               rotation: str, cdt: torch.dtype):
+    """Everything between ``in_proj`` and the scan, elementwise and written as one function so that torch.compile
+    can fuse it (forward and backward) on the GPU.
+
+    Returns B and C after BCNorm (R, G, N last axes), dt, log_decay, lam (B, T, H) in ``cdt``, and the angle
+    rate omega = pi tanh(u_theta) (B, T, S) for data-dependent rotation, else None.
+    """
+    if B_norm_weight is not None:  # in the model dtype, as published
+        Bm = _rms_norm(Bm, B_norm_weight, eps)
+        Cm = _rms_norm(Cm, C_norm_weight, eps)
+    dt = F.softplus(u_dt.to(cdt) + dt_bias.to(cdt))
+    u_A = u_A.to(cdt)
+    A = -(heavy_tail(u_A) if a_activation == "heavy_tail" else F.softplus(u_A))
+    log_decay = A.clamp(max=-A_floor) * dt
+    if trapezoid == "learned":
+        lam = torch.sigmoid(u_lam.to(cdt))
+    else:
+        lam = torch.full_like(dt, 0.5 if trapezoid == "half" else 1.0)
+    omega = math.pi * torch.tanh(u_th.to(cdt)) if rotation == "data_dependent" else None
+    return Bm, Cm, dt, log_decay, lam, omega
+
+
+def gate_output(y: torch.Tensor, z: torch.Tensor, out_norm_weight: torch.Tensor | None, eps: float,
+                mimo_z: torch.Tensor | None, mimo_o: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P): [per-head norm], SiLU gate, MIMO contraction."""
+    if out_norm_weight is not None:
+        y = _rms_norm(y, out_norm_weight.view(y.shape[-2], y.shape[-1]), eps)
+    z = z.to(y.dtype).unsqueeze(2)  # (B, T, 1, H, P)
+    if mimo_z is None:
+        return (y * F.silu(z)).squeeze(2)
+    o = y * F.silu(z * mimo_z.transpose(0, 1).to(y.dtype))  # (B, T, R, H, P)
+    return (o * mimo_o.transpose(0, 1).to(y.dtype)).sum(2)
+
+
+@functools.cache
+def _compiled(fn):
+    """``fn`` through torch.compile, made on first use (importing the compiler is slow) and shared by every
+    layer: its guards are on shapes, dtypes and the string options, not on the module."""
+    return torch.compile(fn)
 
 
 @register_mixer("mamba3", Mamba3Config)
@@ -246,31 +294,25 @@ class Mamba3(Mixer):
         z, xs, Bm, Cm, u_dt, u_A, u_lam, u_th = self.in_proj(x).split(self.split, dim=-1)
         z, xs = z.view(Bsz, T, H, P), xs.view(Bsz, T, H, P)
         Bm, Cm = Bm.view(Bsz, T, R, G, N), Cm.view(Bsz, T, R, G, N)  # rank-major, then group, then state
-        if cfg.bc_norm:  # in the model dtype, as published
-            Bm = _rms_norm(Bm, self.B_norm_weight, cfg.norm_eps)
-            Cm = _rms_norm(Cm, self.C_norm_weight, cfg.norm_eps)
-
-        dt = F.softplus(u_dt.to(cdt) + self.dt_bias.to(cdt))  # (B, T, H)
-        u_A = u_A.to(cdt)
-        A = -(heavy_tail(u_A) if cfg.a_activation == "heavy_tail" else F.softplus(u_A))
-        log_decay = A.clamp(max=-cfg.A_floor) * dt  # (B, T, H)
-        if cfg.trapezoid == "learned":
-            lam = torch.sigmoid(u_lam.to(cdt))
-        else:
-            lam = torch.full_like(dt, 0.5 if cfg.trapezoid == "half" else 1.0)
-        dtheta = None  # (B, T, H, S) angle increments
-        if cfg.rotation == "data_dependent":
-            dtheta = dt[..., None] * (math.pi * torch.tanh(u_th.to(cdt)))[:, :, None, :]
-        elif cfg.rotation == "data_independent":
-            dtheta = self.rope_freq.to(cdt).expand(Bsz, T, H, self.S)
+        fused = cfg.fused_elementwise and x.is_cuda and T > 1  # decode steps stay eager (graph-captured)
+        prepare = _compiled(ssm_inputs) if fused else ssm_inputs
+        Bm, Cm, dt, log_decay, lam, omega = prepare(
+            Bm, Cm, u_dt, u_A, u_lam, u_th, self.dt_bias, getattr(self, "B_norm_weight", None),
+            getattr(self, "C_norm_weight", None), cfg.norm_eps, cfg.a_activation, cfg.A_floor, cfg.trapezoid, cfg.rotation,
+            cdt)
 
         if cache is not None and T == 1 and self._use_triton_mimo_step(x):
-            y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, 1, R, H, P)
-            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+            y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, 1, R, H, P)
+            return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
         if self._use_triton(x, seq_idx):
             scan = self._triton_mimo_scan if cfg.mimo else self._triton_scan
-            y = scan(Cm, Bm, xs, log_decay, dt, lam, u_th, cache)  # (B, T, R, H, P)
-            return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+            y = scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, T, R, H, P)
+            return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
+        dtheta = None  # (B, T, H, S) angle increments, for the PyTorch reference
+        if cfg.rotation == "data_dependent":
+            dtheta = dt[..., None] * omega[:, :, None, :]
+        elif cfg.rotation == "data_independent":
+            dtheta = self.rope_freq.to(cdt).expand(Bsz, T, H, self.S)
         params = dict(q_bias=getattr(self, "C_bias", None), k_bias=getattr(self, "B_bias", None), D=self.D,
                       v_rank=getattr(self, "mimo_x", None), pairing=self.pairing)
         if cache is not None and T == 1:
@@ -283,7 +325,7 @@ class Mamba3(Mixer):
                                     chunk_size=cfg.resolved_chunk_size)  # (B, T, R, H, P)
         if cache is not None:
             cache.update(state)
-        return self.out_proj(self._gate(y, z).reshape(Bsz, T, self.d_inner).to(x.dtype))
+        return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
 
     def _use_triton(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
         """Whether the chunked scan (training, prefill; SISO also its decode step) runs the Triton kernels."""
@@ -322,18 +364,16 @@ class Mamba3(Mixer):
             raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
         return reason is None
 
-    def _rotation_rate(self, u_th: torch.Tensor, batch: int, T: int) -> tuple[torch.Tensor | None, bool]:
+    def _rotation_rate(self, omega: torch.Tensor | None, batch: int, T: int) -> tuple[torch.Tensor | None, bool]:
         """The kernels' angle input: (omega (B, T, S) or None, whether the kernels scale it by dt)."""
-        if self.cfg.rotation == "data_dependent":
-            return math.pi * torch.tanh(u_th.float()), True
         if self.cfg.rotation == "data_independent":
             return self.rope_freq.expand(batch, T, self.S), False
-        return None, True
+        return omega, True  # data-dependent: pi tanh(u_theta); no rotation: None
 
-    def _triton_mimo_step(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+    def _triton_mimo_step(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache):
         from hybrid.kernels.mamba3.triton_mimo_step import mamba3_mimo_step_
 
-        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], 1)
+        omega, angle_dt = self._rotation_rate(omega, xs.shape[0], 1)
         y = mamba3_mimo_step_(Cm[:, 0], Bm[:, 0], xs[:, 0].contiguous(), log_decay[:, 0].contiguous(),
                               dt[:, 0].contiguous(), lam[:, 0].contiguous(), cache.state(),
                               None if omega is None else omega[:, 0].contiguous(), angle_dt,
@@ -341,12 +381,12 @@ class Mamba3(Mixer):
                               getattr(self, "mimo_x", None), self.D, self.pairing)
         return y[:, None]  # (B, 1, R, H, P)
 
-    def _triton_mimo_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+    def _triton_mimo_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache):
         """MIMO chunked scan (training, prefill) through the Triton kernels, "half" pairing; reads and
         updates the cache when given (decode steps go through ``_triton_mimo_step`` or the reference)."""
         from hybrid.kernels.mamba3.mimo import mamba3_mimo_chunk
 
-        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], xs.shape[1])
+        omega, angle_dt = self._rotation_rate(omega, xs.shape[0], xs.shape[1])
         y, state = mamba3_mimo_chunk(Cm, Bm, xs, log_decay, dt, lam, omega, angle_dt, getattr(self, "C_bias", None),
                                      getattr(self, "B_bias", None), self.D, self.mimo_x,
                                      initial_state=None if cache is None else cache.state(),
@@ -355,13 +395,13 @@ class Mamba3(Mixer):
             cache.update(state)
         return y  # (B, T, R, H, P)
 
-    def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, u_th, cache):
+    def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache):
         """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""
         from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
         from hybrid.kernels.mamba3.triton_siso import mamba3_siso_step_
 
         cfg, T = self.cfg, xs.shape[1]
-        omega, angle_dt = self._rotation_rate(u_th, xs.shape[0], T)
+        omega, angle_dt = self._rotation_rate(omega, xs.shape[0], T)
         q_bias = self.C_bias[:, 0] if cfg.bc_bias else None  # (H, N)
         k_bias = self.B_bias[:, 0] if cfg.bc_bias else None
         q, k = Cm[:, :, 0], Bm[:, :, 0]  # (B, T, G, N)
@@ -378,12 +418,8 @@ class Mamba3(Mixer):
             cache.update(state)
         return y[:, :, None]  # (B, T, 1, H, P)
 
-    def _gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P): [norm], silu gate, MIMO contraction."""
-        if self.cfg.outproj_norm:
-            y = _rms_norm(y, self.out_norm_weight.view(self.H, self.P), self.cfg.norm_eps)
-        z = z.to(y.dtype).unsqueeze(2)  # (B, T, 1, H, P)
-        if not self.cfg.mimo:
-            return (y * F.silu(z)).squeeze(2)
-        o = y * F.silu(z * self.mimo_z.transpose(0, 1).to(y.dtype))  # (B, T, R, H, P)
-        return (o * self.mimo_o.transpose(0, 1).to(y.dtype)).sum(2)
+    def _gate(self, y: torch.Tensor, z: torch.Tensor, fused: bool) -> torch.Tensor:
+        """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P) (``gate_output``)."""
+        return (_compiled(gate_output) if fused else gate_output)(
+            y, z, getattr(self, "out_norm_weight", None), self.cfg.norm_eps, getattr(self, "mimo_z", None),
+            getattr(self, "mimo_o", None))
