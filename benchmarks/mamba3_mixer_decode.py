@@ -59,7 +59,8 @@ def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int
     x = torch.randn(batch, 1, d_model, device="cuda", dtype=torch.bfloat16)
     row = {"name": name, "d_model": d_model, "heads": layer.H, "d_state": layer.N, "mimo_rank": rank, "batch": batch,
            "target_ms": target_ms,
-           "triton_step": layer._use_triton_mimo_step(x) if rank > 1 else layer._use_triton(x, None)}
+           "triton_step": layer._use_triton_mimo_step(x) if rank > 1 else layer._use_triton(x, None),
+           "fused_mixer_step": rank == 1 and layer._use_fused_step(x, None)}  # one kernel between the projections
     row["eager_ms"] = median_ms(lambda: layer(x, cache=cache))
     row["graph_ms"] = median_ms(graphed(lambda: layer(x, cache=cache)))
     compiled = torch.compile(layer)

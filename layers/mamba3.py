@@ -292,7 +292,10 @@ class Mamba3(Mixer):
         Bsz, T, _ = x.shape
         H, P, N, G, R = self.H, self.P, self.N, self.G, self.R
         cdt = torch.promote_types(x.dtype, torch.float32)
-        z, xs, Bm, Cm, u_dt, u_A, u_lam, u_th = self.in_proj(x).split(self.split, dim=-1)
+        proj = self.in_proj(x)  # (B, T, D_proj)
+        if cache is not None and T == 1 and self._use_fused_step(x, seq_idx):
+            return self.out_proj(self._fused_step(proj[:, 0], cache).view(Bsz, 1, self.d_inner).to(x.dtype))
+        z, xs, Bm, Cm, u_dt, u_A, u_lam, u_th = proj.split(self.split, dim=-1)
         z, xs = z.view(Bsz, T, H, P), xs.view(Bsz, T, H, P)
         Bm, Cm = Bm.view(Bsz, T, R, G, N), Cm.view(Bsz, T, R, G, N)  # rank-major, then group, then state
         fused = cfg.fused_elementwise and x.is_cuda and T > 1  # decode steps stay eager (graph-captured)
@@ -350,6 +353,29 @@ class Mamba3(Mixer):
                 raise RuntimeError(f"mamba3 backend 'triton': {reason}; use backend 'auto' or 'torch'")
             usable = reason is None
         return usable
+
+    def _use_fused_step(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
+        """Whether a SISO decode step runs as one kernel from the in_proj row to the gated output
+        (``triton_mixer_step.py``); else the step goes through ``ssm_inputs`` and the step kernel."""
+        cfg = self.cfg
+        if cfg.mimo or not self._use_triton(x, seq_idx):
+            return False
+        from hybrid.kernels.mamba3.triton_mixer_step import unsupported_reason
+
+        return unsupported_reason(self.N, self.P, cfg.mimo, cfg.outproj_norm) is None
+
+    def _fused_step(self, proj: torch.Tensor, cache: Mamba3Cache) -> torch.Tensor:
+        """(B, D_proj) in_proj row -> (B, H * P) gated output, the cache updated in place."""
+        from hybrid.kernels.mamba3.triton_mixer_step import mamba3_mixer_step_
+
+        cfg = self.cfg
+        return mamba3_mixer_step_(
+            proj, cache.state(), d_inner=self.d_inner, heads=self.H, groups=self.G, d_state=self.N, headdim=self.P,
+            n_angles=self.S, dt_bias=self.dt_bias, D=self.D, B_norm_weight=getattr(self, "B_norm_weight", None),
+            C_norm_weight=getattr(self, "C_norm_weight", None),
+            B_bias=self.B_bias[:, 0] if cfg.bc_bias else None, C_bias=self.C_bias[:, 0] if cfg.bc_bias else None,
+            rope_freq=getattr(self, "rope_freq", None), eps=cfg.norm_eps, A_floor=cfg.A_floor,
+            a_activation=cfg.a_activation, trapezoid=cfg.trapezoid, rotation=cfg.rotation)
 
     def _use_triton_mimo_step(self, x: torch.Tensor) -> bool:
         """Whether MIMO decode steps run the fused Triton step kernel (the chunked scan: ``_use_triton``)."""

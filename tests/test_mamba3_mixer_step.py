@@ -1,0 +1,83 @@
+"""The fused SISO mixer decode step (``triton_mixer_step.py``) against the layer's eager path.
+
+On the CPU the kernel runs under TRITON_INTERPRET=1 (conftest); the layer with backend "triton" uses it for
+every decode step, and backend "torch" is the oracle: outputs and every cache tensor after several steps.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hybrid.kernels.mamba3 import triton_mixer_step  # noqa: E402
+from hybrid.layers.mamba3 import Mamba3, Mamba3Config  # noqa: E402
+
+VARIANTS = {
+    "default": dict(),
+    "fixed-rope-half-trapezoid": dict(rotation="data_independent", trapezoid="half", ngroups=2),
+    "no-rotation-euler-softplus": dict(rotation="none", trapezoid="euler", a_activation="softplus"),
+    "no-norm-no-bias": dict(bc_norm=False, bc_bias=False, rope_fraction=1.0),
+}
+
+
+def _decode_both(variant, dtype, device, monkeypatch, d_model=64, **extra):
+    """Decode 5 steps after a shared prefill with the fused step and with its oracle; returns the outputs, the
+    caches, and how many times the fused kernel ran."""
+    calls = []
+    real = triton_mixer_step.mamba3_mixer_step_
+    monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    kw = dict(d_state=32, headdim=16, chunk_size=16, **VARIANTS[variant]) | extra
+    # fp32: the PyTorch reference step is the oracle. bf16: the unfused Triton step, which rounds at the same
+    # points (the reference keeps y in fp32 through the gate, so bf16 outputs differ by more than rounding noise).
+    ref = Mamba3(d_model, Mamba3Config(**kw, backend="torch" if dtype == torch.float32 else "triton")).to(device, dtype)
+    ref._use_fused_step = lambda *args: False
+    fast = Mamba3(d_model, Mamba3Config(**kw, backend="triton")).to(device, dtype)
+    with torch.no_grad():  # non-trivial biases and gains, so that a misplaced slice shows
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 12, d_model, dtype=dtype, device=device)
+    caches = [ref.allocate_cache(2, 12), fast.allocate_cache(2, 12)]
+    with torch.no_grad():
+        # One prefill (the reference's: the interpreter's bf16 matmuls are unreliable) for both, then decode.
+        ref.cfg.backend = "torch"
+        ref(x[:, :7], cache=caches[0])
+        ref.cfg.backend = "torch" if dtype == torch.float32 else "triton"
+        for dst, src in zip(caches[1].state(), caches[0].state()):
+            dst.copy_(src)
+        outs = [torch.cat([m(x[:, t:t + 1], cache=c) for t in range(7, 12)], 1) for m, c in zip((ref, fast), caches)]
+    return outs, caches, len(calls)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_step_matches_eager_layer(variant, monkeypatch):
+    # float32 only on the CPU: the interpreter casts to bf16 by truncation, not round-to-nearest as the GPU does.
+    outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
+    assert calls == 5  # every decode step took the fused kernel
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for name in ("angle", "ssm", "k", "v"):
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), **tol, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gpu_fused_step_bf16_matches_unfused_step(variant, monkeypatch):
+    """bf16 at the issue's d_model 1024 shape: the fused step against the unfused Triton step (same rounding
+    points), outputs and caches."""
+    outs, caches, calls = _decode_both(variant, torch.bfloat16, "cuda", monkeypatch, d_model=1024, d_state=128,
+                                       headdim=64, chunk_size=64)
+    assert calls == 5
+    assert float((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()) < 1e-2
+    for name in ("angle", "ssm", "k", "v"):
+        a, b = getattr(caches[1], name).float(), getattr(caches[0], name).float()
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-2, name
+
+
+def test_unsupported_layers_fall_back():
+    assert triton_mixer_step.unsupported_reason(32, 16, mimo=True, outproj_norm=False)
+    assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=True)
+    assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=False) is None
+    layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16, outproj_norm=True, backend="triton"))
+    assert not layer._use_fused_step(torch.zeros(1, 1, 64), None)
