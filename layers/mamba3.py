@@ -74,6 +74,9 @@ class Mamba3Config:
     # after it (norm, gate) through torch.compile: a few fused kernels instead of ~60 small launches per layer.
     # Off by default until its GPU equivalence test has passed (docs/perf-notes.md).
     fused_elementwise: bool = False
+    # Decode steps (SISO, on CUDA) as one Triton kernel between in_proj and out_proj (``triton_mixer_step.py``).
+    # Off by default until its GPU tests have run (they pass under the CPU interpreter).
+    fused_decode_step: bool = False
 
     def __post_init__(self):
         for name, choices in _CHOICES.items():
@@ -358,7 +361,7 @@ class Mamba3(Mixer):
         """Whether a SISO decode step runs as one kernel from the in_proj row to the gated output
         (``triton_mixer_step.py``); else the step goes through ``ssm_inputs`` and the step kernel."""
         cfg = self.cfg
-        if cfg.mimo or not self._use_triton(x, seq_idx):
+        if not cfg.fused_decode_step or cfg.mimo or not self._use_triton(x, seq_idx):
             return False
         from hybrid.kernels.mamba3.triton_mixer_step import unsupported_reason
 

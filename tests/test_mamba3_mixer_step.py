@@ -27,7 +27,7 @@ def _decode_both(variant, dtype, device, monkeypatch, d_model=64, **extra):
     real = triton_mixer_step.mamba3_mixer_step_
     monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    kw = dict(d_state=32, headdim=16, chunk_size=16, **VARIANTS[variant]) | extra
+    kw = dict(d_state=32, headdim=16, chunk_size=16, fused_decode_step=True, **VARIANTS[variant]) | extra
     # fp32: the PyTorch reference step is the oracle. bf16: the unfused Triton step, which rounds at the same
     # points (the reference keeps y in fp32 through the gate, so bf16 outputs differ by more than rounding noise).
     ref = Mamba3(d_model, Mamba3Config(**kw, backend="torch" if dtype == torch.float32 else "triton")).to(device, dtype)
@@ -79,5 +79,6 @@ def test_unsupported_layers_fall_back():
     assert triton_mixer_step.unsupported_reason(32, 16, mimo=True, outproj_norm=False)
     assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=True)
     assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=False) is None
-    layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16, outproj_norm=True, backend="triton"))
+    layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16, outproj_norm=True, backend="triton",
+                                    fused_decode_step=True))
     assert not layer._use_fused_step(torch.zeros(1, 1, 64), None)
