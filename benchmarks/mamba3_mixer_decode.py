@@ -16,13 +16,14 @@ import json
 import torch
 from hybrid.layers.mamba3 import Mamba3, Mamba3Config
 
-CASES = [  # (name, d_model, batch, target_ms, MIMO rank, fused SISO mixer step)
-    ("d1024_b1", 1024, 1, 0.015, 1, False),
-    ("d1024_b1_fused", 1024, 1, 0.015, 1, True),
-    ("table6_d2048_b128", 2048, 128, 0.156, 1, False),
-    ("table6_d2048_b128_fused", 2048, 128, 0.156, 1, True),
-    ("d1024_b1_mimo4", 1024, 1, None, 4, False),  # issue 4: MIMO rank 4 within 1.3x of SISO at the same state size
-    ("table6_d2048_b128_mimo4", 2048, 128, None, 4, False),
+CASES = [  # (name, d_model, batch, target_ms, MIMO rank, fused SISO mixer step, cache state dtype)
+    ("d1024_b1", 1024, 1, 0.015, 1, False, "float32"),
+    ("d1024_b1_fused", 1024, 1, 0.015, 1, True, "float32"),
+    ("table6_d2048_b128", 2048, 128, 0.156, 1, False, "float32"),
+    ("table6_d2048_b128_fused", 2048, 128, 0.156, 1, True, "float32"),
+    ("table6_d2048_b128_fused_bf16_state", 2048, 128, 0.156, 1, True, "model"),  # as the official bf16 caches
+    ("d1024_b1_mimo4", 1024, 1, None, 4, False, "float32"),  # issue 4: MIMO-4 within 1.3x of SISO, same state size
+    ("table6_d2048_b128_mimo4", 2048, 128, None, 4, False, "float32"),
 ]
 
 
@@ -54,12 +55,14 @@ def graphed(step):
 
 
 @torch.no_grad()
-def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int, fused: bool) -> dict:
-    cfg = Mamba3Config(d_state=128, headdim=64, expand=2, mimo_rank=rank, fused_decode_step=fused)  # heads = 2 d_model / 64
+def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int, fused: bool, state: str) -> dict:
+    cfg = Mamba3Config(d_state=128, headdim=64, expand=2, mimo_rank=rank, fused_decode_step=fused,
+                       state_dtype=state)  # heads = 2 * d_model / 64
     layer = Mamba3(d_model, cfg).cuda().to(torch.bfloat16).eval()
     cache = layer.allocate_cache(batch, 16)
     x = torch.randn(batch, 1, d_model, device="cuda", dtype=torch.bfloat16)
     row = {"name": name, "d_model": d_model, "heads": layer.H, "d_state": layer.N, "mimo_rank": rank, "batch": batch,
+           "state_dtype": str(cache.ssm.dtype),
            "target_ms": target_ms,
            "triton_step": layer._use_triton_mimo_step(x) if rank > 1 else layer._use_triton(x, None),
            "fused_mixer_step": layer._use_fused_step(x, None)}  # one kernel between the projections

@@ -42,6 +42,7 @@ _CHOICES = {
     "trapezoid": ("learned", "half", "euler"),
     "a_activation": ("heavy_tail", "softplus"),
     "backend": ("auto", "triton", "torch"),
+    "state_dtype": ("float32", "model"),
 }
 
 
@@ -74,6 +75,9 @@ class Mamba3Config:
     # after it (norm, gate) through torch.compile: a few fused kernels instead of ~60 small launches per layer.
     # Off by default until its GPU equivalence test has passed (docs/perf-notes.md).
     fused_elementwise: bool = False
+    # Storage of the SSM state in the decode cache: float32, or the model dtype (bf16 in a bf16 model: half the
+    # memory and the traffic of a decode step, as the official inference caches; every step then rounds the state).
+    state_dtype: Literal["float32", "model"] = "float32"
     # Decode steps (SISO, on CUDA) as one Triton kernel between in_proj and out_proj (``triton_mixer_step.py``).
     # Off by default until its GPU tests have run (they pass under the CPU interpreter).
     fused_decode_step: bool = False
@@ -128,7 +132,7 @@ class Mamba3Config:
 @dataclass
 class Mamba3Cache:
     angle: torch.Tensor  # (B, H, S) float32 cumulative angle of the last token
-    ssm: torch.Tensor  # (B, H, P, N) float32 state
+    ssm: torch.Tensor  # (B, H, P, N) state: float32, or the model dtype with state_dtype="model"
     k: torch.Tensor  # (B, R, H, N) last token's biased, rotated key (model dtype)
     v: torch.Tensor  # (B, H, P) last token's raw x (model dtype)
 
@@ -254,16 +258,18 @@ class Mamba3(Mixer):
     @classmethod
     def footprint(cls, d_model: int, cfg: Mamba3Config, dtype_bytes: int = 2) -> Footprint:
         H, P, N = cfg.d_inner(d_model) // cfg.headdim, cfg.headdim, cfg.d_state
-        wide = max(4, dtype_bytes)  # angle and SSM state are float32 (or the model dtype if wider)
-        state = wide * H * cfg.num_angles + wide * H * P * N + dtype_bytes * cfg.mimo_rank * H * N + dtype_bytes * H * P
+        wide = max(4, dtype_bytes)  # angles are float32 (or the model dtype if wider); the SSM state too by default
+        ssm = wide if cfg.state_dtype == "float32" else dtype_bytes
+        state = wide * H * cfg.num_angles + ssm * H * P * N + dtype_bytes * cfg.mimo_rank * H * N + dtype_bytes * H * P
         return Footprint(state_bytes=state)
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device=None, dtype=None) -> Mamba3Cache:
         device = device or self.out_proj.weight.device
         dtype = dtype or self.out_proj.weight.dtype
         wide = torch.promote_types(dtype, torch.float32)
+        ssm = wide if self.cfg.state_dtype == "float32" else dtype
         return Mamba3Cache(torch.zeros(batch_size, self.H, self.S, device=device, dtype=wide),
-                           torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=wide),
+                           torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=ssm),
                            torch.zeros(batch_size, self.R, self.H, self.N, device=device, dtype=dtype),
                            torch.zeros(batch_size, self.H, self.P, device=device, dtype=dtype))
 

@@ -247,3 +247,26 @@ def test_gpu_fused_elementwise_matches_eager():
     out_e.square().mean().backward()
     for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
         torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_model_dtype_decode_state(backend):
+    """state_dtype="model" keeps the decode cache's SSM state in bf16 in a bf16 model (half the bytes, in the
+    footprint too); decoding stays close to the float32-state cache's."""
+    torch.manual_seed(0)
+    kw = dict(d_state=32, headdim=16, chunk_size=16, backend=backend)
+    wide = Mamba3(64, Mamba3Config(**kw)).to(torch.bfloat16)
+    narrow = Mamba3(64, Mamba3Config(**kw, state_dtype="model")).to(torch.bfloat16)
+    narrow.load_state_dict(wide.state_dict())
+    x = torch.randn(2, 24, 64, dtype=torch.bfloat16)
+    outs = []
+    for m in (wide, narrow):
+        cache = m.allocate_cache(2, 24)
+        with torch.no_grad():
+            m(x[:, :1], cache=cache)  # decode every token: the rounding of the state accumulates
+            outs.append(torch.cat([m(x[:, t:t + 1], cache=cache) for t in range(1, 24)], 1).float())
+    assert cache.ssm.dtype == torch.bfloat16 and cache.angle.dtype == torch.float32
+    assert float((outs[1] - outs[0]).norm() / outs[0].norm()) < 3e-2
+    fp_wide = Mamba3.footprint(64, Mamba3Config(**kw)).state_bytes
+    fp_narrow = Mamba3.footprint(64, Mamba3Config(**kw, state_dtype="model")).state_bytes
+    assert fp_wide - fp_narrow == 2 * narrow.H * narrow.P * narrow.N
