@@ -17,8 +17,13 @@ scaled by dt. Per-chunk angle totals and their exclusive prefix sums are tiny an
 PyTorch (reduced mod 2pi, so long sequences lose no angle precision); within a chunk the kernels add
 a cumulative sum of dt * omega to that offset.
 
-Sequence boundaries (``seq_idx``) are not handled here: the layer falls back to the PyTorch reference
-for packed batches.
+Sequence boundaries (``seq_idx``, packed documents) follow ``chunk.py``: a compile-time flag HAS_SEQ (the
+kernels without it are unchanged) masks the decay between tokens of different documents, cuts beta' at a
+document's last token, keeps a chunk's local state to the document still open at its end and its entering
+state to the document of the token before it, and stops the entering state at a chunk where a document
+starts (its log-decay is stored as -inf, so the state passing needs no flag). The angle restarts at each
+document start: the per-chunk entry angles come from a reset-aware prefix sum on the host, and within a
+chunk a segmented cumulative sum (the plain one less a gathered per-document base) replaces the plain one.
 """
 
 from __future__ import annotations
@@ -33,15 +38,54 @@ from hybrid.kernels.mamba3.common import Mamba3State, rotate
 
 
 @triton.jit
-def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT: tl.constexpr):
-    """cos and sin of the (C, NB) cumulative angles of pairs ``nb`` in one chunk for one head (angle 0 past S)."""
+def _seq_flags(SEQ, b, c, t, T, s_sb, C: tl.constexpr):
+    """Document bookkeeping of chunk c: the tokens' document ids (padding takes the last token's), whether each
+    token is in the document of the token before the chunk (``enter``: the entering state and angle reach it;
+    the first token's document for chunk 0), whether it is in the document still open at the chunk's end
+    (``to_end``: it enters the chunk's local state), and whether the entering state passes through the chunk
+    (no document starts in it)."""
+    row = SEQ + b * s_sb
+    seq = tl.load(row + tl.minimum(t, T - 1))
+    prev = tl.load(row + tl.maximum(c * C - 1, 0))
+    last = tl.load(row + tl.minimum(c * C + C - 1, T - 1))
+    return seq, (seq == prev).to(tl.float32), (seq == last).to(tl.float32), prev == last
+
+
+@triton.jit
+def _seg_cumsum(x, seq):
+    """Inclusive cumulative sum of the (C, W) rows of ``x`` within each document (row document ids ``seq``,
+    non-decreasing): the plain cumulative sum less its exclusive value at the first row of the row's document
+    (gathered), so as accurate as the plain sum and without a (C, C) matmul or a tuple scan."""
+    i = tl.arange(0, x.shape[0])
+    first = tl.min(tl.where(seq[None, :] == seq[:, None], i[None, :], x.shape[0]), axis=1)  # (C,)
+    cum = tl.cumsum(x, axis=0)
+    return cum - tl.gather(cum - x, tl.broadcast_to(first[:, None], x.shape), 0)
+
+
+@triton.jit
+def _seg_rcumsum(x, seq):
+    """Reverse of ``_seg_cumsum``: row i sums the rows j >= i of its document."""
+    i = tl.arange(0, x.shape[0])
+    last = tl.max(tl.where(seq[None, :] == seq[:, None], i[None, :], 0), axis=1)  # (C,)
+    rcum = tl.cumsum(x, axis=0, reverse=True)
+    return rcum - tl.gather(rcum - x, tl.broadcast_to(last[:, None], x.shape), 0)
+
+
+@triton.jit
+def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT: tl.constexpr,
+                HAS_SEQ: tl.constexpr):
+    """cos and sin of the (C, NB) cumulative angles of pairs ``nb`` in one chunk for one head (angle 0 past S).
+    With HAS_SEQ the sum restarts at each document start and the entry angle only reaches ``enter`` tokens."""
     smask = nb < S
     om = tl.load(OMEGA + b * s_ob + t[:, None] * s_ot + nb[None, :], mask=tmask[:, None] & smask[None, :], other=0.0)
     om = om.to(tl.float32)
     if ANGLE_DT:
         om = om * dt[:, None]
     off = tl.load(THETA_OFF + ((b * nc + c) * H + h) * S + nb, mask=smask, other=0.0)
-    theta = tl.cumsum(om, axis=0) + off[None, :]
+    if HAS_SEQ:
+        theta = _seg_cumsum(om, seq) + off[None, :] * enter[:, None]
+    else:
+        theta = tl.cumsum(om, axis=0) + off[None, :]
     return tl.cos(theta), tl.sin(theta)
 
 
@@ -69,81 +113,96 @@ def _unrotate(de, do, cos, sin):
 
 
 @triton.jit
-def _rotated_pairs(PTR, BIAS, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_t, b, c, h, nc, H, S, s_ob, s_ot,
-                   N: tl.constexpr, HAS_BIAS: tl.constexpr, ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+def _rotated_pairs(PTR, BIAS, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_t, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
+                   N: tl.constexpr, HAS_BIAS: tl.constexpr, ROT: tl.constexpr, ANGLE_DT: tl.constexpr,
+                   HAS_SEQ: tl.constexpr):
     """``_load_pairs`` rotated by the tokens' angles when ROT (the block holds rotated pairs)."""
     e, o = _load_pairs(PTR, BIAS, t, tmask, nb, base, s_t, h, N, HAS_BIAS)
     if ROT:
-        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
+                               HAS_SEQ)
         e, o = _rotate(e, o, cos, sin)
     return e, o
 
 
 @triton.jit
-def _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah):
-    """Per-token coefficients of one chunk: cumulative log-decay, key weight (gamma + next beta'), gamma, dt."""
+def _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ: tl.constexpr):
+    """Per-token coefficients of one chunk: cumulative log-decay, key weight (gamma + next beta'), gamma, dt.
+    With HAS_SEQ, beta' is cut at a document's last token."""
     a = tl.load(A + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
     dt = tl.load(DT + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
     lam = tl.load(LAM + b * s_ab + t * s_at + h * s_ah, mask=tmask, other=0.0).to(tl.float32)
     nmask = (t + 1) < T
     dtn = tl.load(DT + b * s_ab + (t + 1) * s_at + h * s_ah, mask=nmask, other=0.0).to(tl.float32)
     lamn = tl.load(LAM + b * s_ab + (t + 1) * s_at + h * s_ah, mask=nmask, other=1.0).to(tl.float32)
+    if HAS_SEQ:
+        seq = tl.load(SEQ + b * s_sb + t, mask=tmask, other=0)
+        dtn = tl.where(tl.load(SEQ + b * s_sb + t + 1, mask=nmask, other=0) == seq, dtn, 0.0)
     gamma = lam * dt
     scale = gamma + dtn * (1.0 - lamn)  # beta' of token t + 1 enters the state with token t's key
     return tl.cumsum(a, axis=0), scale, gamma, dt
 
 
 @triton.jit
-def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
                   C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                  HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, dtype: tl.constexpr):
+                  HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, dtype: tl.constexpr,
+                  HAS_SEQ: tl.constexpr):
     """(C, C) scores q_j . k_i of rotated, biased q and k, summed over column blocks of NB pairs so that only
     one block of q and k is live at a time."""
     scores = tl.zeros((C, C), dtype=tl.float32)
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                                2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+                                seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                                2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT)
+                                seq, enter, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         scores += tl.dot(qE.to(dtype), tl.trans(kE.to(dtype)))
         scores += tl.dot(qO.to(dtype), tl.trans(kO.to(dtype)))
     return scores
 
 
 @triton.jit
-def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAST,
+def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST,
                      T, H, S, nc, heads_per_group,
-                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                     HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr):
+                     HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
     tmask = t < T
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    seq, enter = tmask, tmask  # placeholders without document boundaries
+    if HAS_SEQ:
+        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
     p = tl.arange(0, P)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
     w_end = tl.where(tmask, tl.exp(cs_last - cs) * scale, 0.0)  # (C,)
+    if HAS_SEQ:
+        w_end = w_end * to_end  # only the document still open at the chunk's end reaches the next chunk
     xt = tl.trans(x).to(X.dtype.element_ty)  # (P, C)
     base = LOCAL + ((b * nc + c) * H + h) * P * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
-                                s_ob, s_ot, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT)
+                                s_ob, s_ot, seq, enter, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         localE = tl.dot(xt, (kE * w_end[:, None]).to(X.dtype.element_ty))  # (P, NB)
         localO = tl.dot(xt, (kO * w_end[:, None]).to(X.dtype.element_ty))
         tl.store(base + p[:, None] * 2 * N2 + nb[None, :], localE.to(LOCAL.dtype.element_ty))
         tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], localO.to(LOCAL.dtype.element_ty))
+    if HAS_SEQ:
+        cs_last = tl.where(through, cs_last, float("-inf"))  # a document starts here: the entering state stops
     tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
 
 
 @triton.jit
 def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.constexpr):
-    """G_c = e^{cs_last} G_{c-1} + local_c, added in float32 whatever the storage type of the chunk states."""
+    """G_c = e^{cs_last} G_{c-1} + local_c, added in float32 whatever the storage type of the chunk states
+    (cs_last is -inf at a chunk where a document starts: nothing of the entering state passes)."""
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -158,35 +217,43 @@ def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.c
 
 
 @triton.jit
-def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
+def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, Y,
                     T, H, S, nc, heads_per_group,
-                    s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                    s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                     C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr):
+                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
+                    HAS_SEQ: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
     tmask = t < T
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    seq, enter = tmask, tmask  # placeholders without document boundaries
+    if HAS_SEQ:
+        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
     scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
+                           seq, enter, C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
+    if HAS_SEQ:
+        below = below & (seq[:, None] == seq[None, :])  # no decay path between documents
     decay = tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0))  # exponent <= 0 where used
     w = tl.where(below, decay * scale[None, :], tl.where(i[:, None] == i[None, :], gamma[None, :], 0.0))
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     y = tl.dot((scores * w).to(dtype), x.to(dtype))  # (C, P)
     ecs = tl.exp(cs)
+    if HAS_SEQ:
+        ecs = ecs * enter  # the entering state reaches the document open at the chunk's start only
     gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                                2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+                                seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         gE = tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
         gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
         y += ecs[:, None] * (tl.dot(qE.to(dtype), tl.trans(gE)) + tl.dot(qO.to(dtype), tl.trans(gO)))
@@ -195,18 +262,20 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, Y,
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
-def tuned(kernel, restore: tuple[str, ...] = ()):
+def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P")):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
     ``restore`` names buffers the kernel reads and rewrites in place: the tuner restores them between
     trial runs. The interpreter (CPU tests) runs the kernel as written."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-    return triton.autotune(configs, key=["C", "N2", "P"], restore_value=list(restore))(kernel)
+    return triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
 
 
-_chunk_state_fwd_tuned = tuned(_chunk_state_fwd)
-_chunk_scan_fwd_tuned = tuned(_chunk_scan_fwd)
+# The packed-document variants (HAS_SEQ) are tuned apart from the plain ones.
+SISO_KEY = ("C", "N2", "P", "HAS_SEQ")
+_chunk_state_fwd_tuned = tuned(_chunk_state_fwd, key=SISO_KEY)
+_chunk_scan_fwd_tuned = tuned(_chunk_scan_fwd, key=SISO_KEY)
 
 
 def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | None:
@@ -228,11 +297,11 @@ def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | Non
 COL_BLOCK = 32
 
 
-def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, angle_dt: bool) -> dict:
+def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, angle_dt: bool, has_seq: bool = False) -> dict:
     """Compile-time shape flags shared by the chunk kernels (forward and backward)."""
     n2 = d_state // 2
     nb = min(COL_BLOCK, n2)
-    return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt)
+    return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt, HAS_SEQ=has_seq)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -251,21 +320,57 @@ def _from_eo(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([t[..., :half], t[..., half:]], dim=-1).flatten(-2)
 
 
+def seq_chunks(seq_idx: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Document ids per chunk (B, nc, C) (padding takes the last token's), and per chunk (B, nc) the document
+    of the token before it (the first token's for chunk 0: the initial state's) and of its last token."""
+    Bsz, T = seq_idx.shape
+    nc = -(-T // chunk_size)
+    seq = torch.cat([seq_idx, seq_idx[:, -1:].expand(Bsz, nc * chunk_size - T)], dim=1).view(Bsz, nc, chunk_size)
+    last = seq[:, :, -1]
+    prev = torch.cat([seq[:, :1, 0], last[:, :-1]], dim=1)
+    return seq, prev, last
+
+
+def restart_cumsum(vals: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
+    """out_c = vals_c + (0 if restart_c else out_{c-1}) along dim 1, without a loop: vals (B, n, ...), restart (B, n)."""
+    Bsz, n = restart.shape
+    cum = vals.cumsum(1)
+    idx = torch.arange(n, device=vals.device).expand(Bsz, n)
+    first = torch.where(restart, idx, torch.zeros_like(idx)).cummax(1).values  # last restart at or before c (0 if none)
+    first = first.view(Bsz, n, *([1] * (vals.ndim - 2))).expand_as(vals)
+    return cum - (cum - vals).gather(1, first)  # sum of vals over [first, c]
+
+
 def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, theta0: torch.Tensor | None,
-                  chunk_size: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angle of each chunk's entry (B, nc, H, S) and the final angle (B, H, S), in float64 then mod 2pi."""
+                  chunk_size: int, heads: int, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angle of each chunk's entry (B, nc, H, S) and the final angle (B, H, S), in float64 then mod 2pi.
+
+    With ``seq_idx`` the angle restarts at 0 at each document start (``theta0`` only reaches the first document):
+    a chunk's entry is the angle of the token before it, so each chunk contributes the increments of the
+    document still open at its end, added to the previous chunk's end only when no document starts in it.
+    """
     Bsz, T = dt.shape[:2]
     S = omega.shape[-1]
     nc = -(-T // chunk_size)
     pad = nc * chunk_size - T
     om = torch.nn.functional.pad(omega.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, S)
+    to_end = None
+    if seq_idx is not None:
+        seq, prev, last = seq_chunks(seq_idx, chunk_size)
+        to_end = (seq == last[..., None]).double()  # (B, nc, C)
     if angle_dt:  # per-chunk totals sum_t dt_t omega_t as a small float64 batched matmul (no (B, T, H, S) tensor)
         d = torch.nn.functional.pad(dt.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, heads)
-        inc = torch.einsum("bcth,bcts->bchs", d, om)
-    else:
+        inc = torch.einsum("bcth,bcts->bchs", d if to_end is None else d * to_end[..., None], om)
+    elif to_end is None:
         inc = om.sum(2)[:, :, None, :].expand(Bsz, nc, heads, S)
+    else:
+        inc = torch.einsum("bct,bcts->bcs", to_end, om)[:, :, None, :].expand(Bsz, nc, heads, S)
     start = torch.zeros(Bsz, heads, S, dtype=torch.float64, device=dt.device) if theta0 is None else theta0.double()
-    total = start[:, None] + inc.cumsum(1)  # (B, nc, H, S) angle after each chunk
+    if seq_idx is None:
+        total = start[:, None] + inc.cumsum(1)  # (B, nc, H, S) angle after each chunk
+    else:
+        restart = torch.cat([torch.ones_like(last[:, :1], dtype=torch.bool), last != prev], dim=1)
+        total = restart_cumsum(torch.cat([start[:, None], inc], dim=1), restart)[:, 1:]
     entry = torch.cat([start[:, None], total[:, :-1]], dim=1)
     two_pi = 2 * math.pi
     return torch.remainder(entry, two_pi).float().contiguous(), torch.remainder(total[:, -1], two_pi)
@@ -275,18 +380,21 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
                           lam: torch.Tensor, omega: torch.Tensor | None = None, angle_dt: bool = True,
                           q_bias: torch.Tensor | None = None, k_bias: torch.Tensor | None = None,
                           D: torch.Tensor | None = None, initial_state: Mamba3State | None = None,
-                          chunk_size: int = 64) -> tuple[torch.Tensor, Mamba3State]:
+                          chunk_size: int = 64, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, Mamba3State]:
     """Chunk-parallel Mamba-3 SISO forward (interleaved pairing). No autograd; see ``siso.mamba3_siso_chunk``.
 
     q, k (B, T, G, N); v (B, T, H, P); log_decay, dt, lam (B, T, H); omega (B, T, S) angle rate (the
     increment is dt * omega when ``angle_dt`` else omega) or None for no rotation; q_bias, k_bias (H, N);
-    D (H,). Returns y (B, T, H, P) in v's dtype and the final state (angle, ssm in float32).
+    D (H,); seq_idx (B, T) integer document ids, non-decreasing along each row, or None (one document per
+    row). Returns y (B, T, H, P) in v's dtype and the final state (angle, ssm in float32), that of each row's
+    last document.
     """
-    y, state, _ = chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size)
+    y, state, _ = chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size,
+                                seq_idx)
     return y, state
 
 
-def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size):
+def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None):
     """The forward launches; also returns what the backward needs (a dict of tensors and flags)."""
     Bsz, T, G, N = q.shape
     H, P = v.shape[2:]
@@ -298,10 +406,15 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     # [even | odd] channel order: one cheap pass over the group-shared q and k makes every kernel load contiguous.
     q, k, v = _to_eo(q).contiguous(), _to_eo(k).contiguous(), v.contiguous()
     log_decay, dt, lam = log_decay.contiguous(), dt.contiguous(), lam.contiguous()
+    if seq_idx is not None:
+        if seq_idx.shape != (Bsz, T) or seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex:
+            raise ValueError(f"seq_idx must be an integer (B, T) = {(Bsz, T)} tensor, got {seq_idx.dtype} {tuple(seq_idx.shape)}")
+        seq_idx = seq_idx.to(dev).contiguous()
+    seq = seq_idx if seq_idx is not None else dt  # a pointer the kernels never read without HAS_SEQ
     if omega is not None:
         omega = omega if omega.stride(-1) == 1 else omega.contiguous()
         theta_off, theta_final = angle_offsets(omega, dt, angle_dt, None if initial_state is None else initial_state.angle,
-                                               C, H)
+                                               C, H, seq_idx)
     else:
         theta_off = torch.zeros(1, device=dev)
         theta_final = torch.zeros(Bsz, H, 0, device=dev)
@@ -312,9 +425,9 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-               dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1))
-    flags = kernel_flags(C, N, P, S, angle_dt)
-    _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
+               dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1), seq.stride(0))
+    flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None)
+    _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
                                           T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 
     # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
@@ -331,7 +444,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
 
     y = torch.empty_like(v)
     _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
-                                         g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
+                                         seq, g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
                                          HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
 
     # Final cache: last token's biased key rotated with its own angle, and its raw value.
@@ -343,7 +456,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
     ctx = dict(q=q, k=k, v=v, log_decay=log_decay, dt=dt, lam=lam, om=om, qb=qb, kb=kb, D=D if D is not None else dt,
                theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last, strides=strides,
-               chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,
+               seq=seq_idx, chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,
                has_kb=k_bias is not None, has_d=D is not None, has_init=initial_state is not None, k_last=state.k,
                v0=None if initial_state is None else initial_state.v, k0=None if initial_state is None else initial_state.k)
     return y, state, ctx

@@ -19,6 +19,13 @@ Backward, four launches mirroring the forward:
 PyTorch glue (``mamba3_siso_chunk_bwd``) sums per-head q/k gradients into their groups and biases, turns
 d scale / d gamma into d dt / d lambda, and d angle into d omega / d dt with a reverse cumulative sum
 over the sequence. No atomics: results are deterministic.
+
+Sequence boundaries (HAS_SEQ, ``seq_idx``) mask the same terms as in the forward: the intra weights between
+documents, the entering state outside the document open at the chunk start, the local state outside the
+one open at its end (the state passing needs nothing: a chunk where a document starts has e^{cs_last} = 0).
+Angle gradients are reverse-summed within each document of a chunk (the transpose of the forward's
+segmented sum); a chunk's entry-angle gradient is what its ``enter`` tokens ask, and the glue carries it
+back over earlier chunks only as far as the document reaches (a reset-aware reverse sum over chunks).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.triton_siso import (
+    SISO_KEY,
     _block_trig,
     _chunk_coeffs,
     _chunk_scores,
@@ -34,36 +42,46 @@ from hybrid.kernels.mamba3.triton_siso import (
     _load_pairs,
     _rotate,
     _rotated_pairs,
+    _seg_rcumsum,
+    _seq_flags,
     _to_eo,
     _unrotate,
     kernel_flags,
+    restart_cumsum,
+    seq_chunks,
     state_dtype,
     tuned,
 )
 
 
 @triton.jit
-def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, DY, DG_IN,
+def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
                       T, H, S, nc, heads_per_group,
-                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr):
+                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
     tmask = t < T
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    seq, enter = tmask, tmask  # placeholders without document boundaries
+    if HAS_SEQ:
+        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
     p = tl.arange(0, P)
     dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     dtype = DY.dtype.element_ty
-    dye = tl.trans(dy.to(tl.float32) * tl.exp(cs)[:, None]).to(dtype)  # (P, C)
+    ecs = tl.exp(cs)
+    if HAS_SEQ:
+        ecs = ecs * enter  # only the document open at the chunk start read the entering state
+    dye = tl.trans(dy.to(tl.float32) * ecs[:, None]).to(dtype)  # (P, C)
     base = DG_IN + ((b * nc + c) * H + h) * P * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
-                                s_ob, s_ot, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT)
+                                s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         tl.store(base + p[:, None] * 2 * N2 + nb[None, :], tl.dot(dye, qE.to(dtype)).to(DG_IN.dtype.element_ty))
         tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], tl.dot(dye, qO.to(dtype)).to(DG_IN.dtype.element_ty))
 
@@ -89,10 +107,12 @@ def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H
 
 
 @triton.jit
-def _intra_weights(cs, scale, gamma, C: tl.constexpr):
+def _intra_weights(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constexpr):
     """The forward's (C, C) intra-chunk decay and weights, [query j, key i]."""
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
+    if HAS_SEQ:
+        below = below & (seq[:, None] == seq[None, :])
     diag = i[:, None] == i[None, :]
     decay = tl.where(below, tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0)), 0.0)
     w = decay * scale[None, :] + tl.where(diag, gamma[None, :], 0.0)
@@ -100,21 +120,23 @@ def _intra_weights(cs, scale, gamma, C: tl.constexpr):
 
 
 @triton.jit
-def _intra_weights_t(cs, scale, gamma, C: tl.constexpr):
+def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Transpose of ``_intra_weights``' w, [key i, query j], built as such."""
     i = tl.arange(0, C)
     above = i[:, None] < i[None, :]
+    if HAS_SEQ:
+        above = above & (seq[:, None] == seq[None, :])
     decay_t = tl.where(above, tl.exp(tl.where(above, cs[None, :] - cs[:, None], 0.0)), 0.0)
     return decay_t * scale[:, None] + tl.where(i[:, None] == i[None, :], gamma[:, None], 0.0)
 
 
 @triton.jit
-def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
+def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY,
                        DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA,
                        T, H, S, nc, heads_per_group,
-                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr):
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, and the query half of d angle."""
     # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
@@ -123,17 +145,20 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
     tmask = t < T
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    seq, enter = tmask, tmask  # placeholders without document boundaries
+    if HAS_SEQ:
+        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
     scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                           C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
+                           seq, enter, C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
     x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
     dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
-    decay, w, below, diag = _intra_weights(cs, scale, gamma, C)
+    decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
     dw = scores * dyx
     pw = tl.where(below, dw * w, 0.0)
     dcs = tl.sum(pw, axis=1) - tl.sum(pw, axis=0)
@@ -142,6 +167,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
     a1 = (dyx * w).to(dtype)
 
     ecs = tl.exp(cs)
+    if HAS_SEQ:
+        ecs = ecs * enter  # only the document open at the chunk start read the entering state
     gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
     qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DQB_PART + ((b * nc + c) * H + h) * 2 * N2
@@ -150,7 +177,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
         qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
         kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
         if j < ROT_BLOCKS:
-            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
+                                   HAS_SEQ)
             qE, qO = _rotate(qE, qO, cos, sin)
             kE, kO = _rotate(kE, kO, cos, sin)
         dyGE = tl.dot(dy, tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype))  # (C, NB): rows of dy^T G
@@ -176,15 +204,16 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
 
 @triton.jit
 def _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
-                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off,
+                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off, seq, enter,
                 N2: tl.constexpr, NB: tl.constexpr, ROT: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
-                ANGLE_DT: tl.constexpr, dtype: tl.constexpr):
+                ANGLE_DT: tl.constexpr, dtype: tl.constexpr, HAS_SEQ: tl.constexpr):
     """One column block of the key side: its dk (stored), its share of dx and of d scale, and d angle."""
     nb = j * NB + tl.arange(0, NB)
     qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
     kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
     if ROT:
-        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, ANGLE_DT)
+        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
+                               HAS_SEQ)
         qE, qO = _rotate(qE, qO, cos, sin)
         kE, kO = _rotate(kE, kO, cos, sin)
     dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
@@ -201,10 +230,16 @@ def _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTH
         th_mask = tmask[:, None] & smask[None, :]
         dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
         # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
-        # (each chunk's total added to all earlier chunks) in the glue.
-        total = tl.sum(dth, axis=0)
-        tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
-        tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
+        # (each chunk's entry-angle gradient added to all earlier chunks) in the glue.
+        if HAS_SEQ:
+            # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
+            # reaches the ``enter`` tokens.
+            tl.store(DTHETA + th_off, _seg_rcumsum(dth, seq), mask=th_mask)
+            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, tl.sum(dth * enter[:, None], axis=0), mask=smask)
+        else:
+            total = tl.sum(dth, axis=0)
+            tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
+            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
         dkE, dkO = _unrotate(dkE, dkO, cos, sin)
     tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
     tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
@@ -215,12 +250,13 @@ def _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTH
 
 
 @triton.jit
-def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
+def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
                          DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DX, DA, DTHETA_TOT, DD_PART,
                          T, H, S, nc, heads_per_group,
-                         s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                         s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                          C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr):
+                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
+                         HAS_SEQ: tl.constexpr):
     """Key/value side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), dx, the
     local-state terms, d log-decay (reverse cumulative sum of everything d cs), d scale, d D, and d angle
     (completed and reverse-summed)."""
@@ -230,7 +266,10 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
     tmask = t < T
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, b, h, t, tmask, T, s_ab, s_at, s_ah)
+    seq, enter = tmask, tmask  # placeholders without document boundaries
+    if HAS_SEQ:
+        seq, enter, open_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
@@ -239,14 +278,16 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
     # Key-major: rows are keys i, columns queries j, so no (C, C) tile is transposed in registers.
     scores_t = _chunk_scores(K, Q, KB, QB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                             C, N2, NB, ROT_BLOCKS, HAS_KB, HAS_QB, ANGLE_DT, dtype)  # k_i . q_j
-    w_t = _intra_weights_t(cs, scale, gamma, C)
+                             seq, enter, C, N2, NB, ROT_BLOCKS, HAS_KB, HAS_QB, ANGLE_DT, dtype, HAS_SEQ)  # k_i . q_j
+    w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
     dx = tl.dot((scores_t * w_t).to(dtype), dy)  # (C, P)
     a1t = (tl.dot(x, tl.trans(dy)) * w_t).to(dtype)  # [key i, query j] of (dy_j . x_i) w_ji
 
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     cs_last = tl.min(cs, axis=0)
     to_end = tl.where(tmask, tl.exp(cs_last - cs), 0.0)
+    if HAS_SEQ:
+        to_end = to_end * open_end  # only the document still open at the chunk's end enters the local state
     e = to_end * scale
     m_loc = tl.zeros((C,), dtype=tl.float32)  # d scale_i from the local state, over all channel blocks
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
@@ -255,7 +296,7 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     for j in tl.static_range(N2 // NB):
         dx, m_loc = _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
                                 base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off,
-                                N2, NB, j < ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype)
+                                seq, enter, N2, NB, j < ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
     if HAS_D:
         dyf = dy.to(tl.float32)
         dx += tl.load(D + h).to(tl.float32) * dyf
@@ -271,9 +312,9 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, DLOCA
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
-_chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd)
-_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq)
-_chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"))  # read, then rewritten
+_chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY)
+_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
+_chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"), key=SISO_KEY)  # read, then rewritten
 
 
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
@@ -291,11 +332,13 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     has_rot, has_qb, has_kb, has_d = S > 0 and ctx["has_rot"], ctx["has_qb"], ctx["has_kb"], ctx["has_d"]
     dy = dy.contiguous()
     strides = ctx["strides"]
-    flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt)
+    seq_idx = ctx.get("seq")
+    seq = seq_idx if seq_idx is not None else dt  # never read without HAS_SEQ
+    flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt, seq_idx is not None)
 
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], dy, dg_in, T, H, S, nc, H // G,
-                                           *strides, HAS_QB=has_qb, **flags)
+    _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], seq, dy, dg_in, T, H, S, nc,
+                                           H // G, *strides, HAS_QB=has_qb, **flags)
 
     PN = P * N
     BLOCK = min(1024, triton.next_power_of_2(PN))
@@ -322,7 +365,8 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dd_part = torch.empty(Bsz, nc, H, **f32)
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
-    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], ctx["g_in"], dy,
+    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
+                                            ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
     # dk/dx walks all channels as one block: Triton 3.6 on an H100 miscompiles this kernel with two or more
@@ -330,7 +374,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     # launch config, unrolled or as a loop; compute-sanitizer's memcheck, initcheck and racecheck see nothing).
     # One block is exact at every config (docs/perf-notes.md, v7).
     _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                              dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
+                                              seq, dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
                                               dd_part,
                                               *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
                                               **dict(flags, NB=N // 2, ROT_BLOCKS=min(1, flags["ROT_BLOCKS"])))
@@ -371,23 +415,38 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dx[:, -1] += d_v_last.to(dx.dtype)
     grads["v"] = dx
 
-    # scale_i = lam_i dt_i + dt_{i+1} (1 - lam_{i+1}); gamma_i = lam_i dt_i.
+    # scale_i = lam_i dt_i + dt_{i+1} (1 - lam_{i+1}) [same document]; gamma_i = lam_i dt_i.
     lamf, dtf = lam.float(), dt.float()
     dself = dscale + dgamma
     d_dt = dself * lamf
     d_lam = dself * dtf
-    d_dt[:, 1:] += dscale[:, :-1] * (1 - lamf[:, 1:])
-    d_lam[:, 1:] -= dscale[:, :-1] * dtf[:, 1:]
+    d_next = dscale[:, :-1]
+    if seq_idx is not None:
+        d_next = d_next * (seq_idx[:, 1:] == seq_idx[:, :-1])[..., None]
+    d_dt[:, 1:] += d_next * (1 - lamf[:, 1:])
+    d_lam[:, 1:] -= d_next * dtf[:, 1:]
 
     grads["omega"] = None
     if has_rot:
-        tot = dtheta_tot[..., :S]  # (B, nc, H, S)
-        later = tot.flip(1).cumsum(1).flip(1) - tot  # what the chunks after c add to each increment of chunk c
-        if dtheta_final is not None:
-            later = later + dtheta_final[:, None]  # theta_final = theta_{T-1}: every increment moves it
+        tot = dtheta_tot[..., :S]  # (B, nc, H, S) gradient of each chunk's entry angle
         pad = nc * C - T
+        if seq_idx is None:
+            later = tot.flip(1).cumsum(1).flip(1) - tot  # what the chunks after c add to each increment of chunk c
+            if dtheta_final is not None:
+                later = later + dtheta_final[:, None]  # theta_final = theta_{T-1}: every increment moves it
+            later = later[:, :, None]
+        else:
+            # later_c = u_c + [no document starts in chunk c + 1] later_{c+1}, u_c = d entry_{c+1} (d theta_final for
+            # the last chunk): the entry of chunk c + 1 is the angle of chunk c's last document. It reaches only the
+            # tokens of that document (to_end).
+            seq_c, prev, last = seq_chunks(seq_idx, C)
+            final = dtheta_final if dtheta_final is not None else torch.zeros_like(tot[:, 0])
+            u = torch.cat([tot[:, 1:], final[:, None]], dim=1).double()
+            chain = torch.cat([last[:, 1:] == prev[:, 1:], torch.zeros_like(last[:, :1], dtype=torch.bool)], dim=1)
+            later = restart_cumsum(u.flip(1), (~chain).flip(1)).flip(1).float()
+            later = later[:, :, None] * (seq_c == last[..., None]).float()[..., None, None]  # (B, nc, C, H, S)
         dinc = dtheta[..., :S]
-        dinc = (torch.nn.functional.pad(dinc, (0, 0, 0, 0, 0, pad)).view(Bsz, nc, C, H, S) + later[:, :, None])
+        dinc = (torch.nn.functional.pad(dinc, (0, 0, 0, 0, 0, pad)).view(Bsz, nc, C, H, S) + later)
         dinc = dinc.view(Bsz, nc * C, H, S)[:, :T]  # (B, T, H, S)
         if angle_dt:
             grads["omega"] = torch.einsum("bths,bth->bts", dinc, dtf)
