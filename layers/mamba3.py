@@ -17,9 +17,9 @@ follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
 
 Backends: with ``backend`` auto (on CUDA) or triton, the chunked scan runs the Triton kernels, forward and
 backward (SISO: ``siso.py``; MIMO: ``mimo.py``, chunk_size * R rows per chunk), and decode steps run a
-fused Triton step kernel. Packed batches (``seq_idx``) and shapes the kernels do not support (d_state a
-power of two >= 32, headdim a power of two >= 16, rows per chunk a power of two >= 16) use the PyTorch
-reference under auto and raise under triton.
+fused Triton step kernel. Packed batches (``seq_idx``) run the SISO kernels; MIMO packed batches and shapes
+the kernels do not support (d_state a power of two >= 32, headdim a power of two >= 16, rows per chunk a
+power of two >= 16) use the PyTorch reference under auto and raise under triton.
 """
 
 from __future__ import annotations
@@ -318,8 +318,10 @@ class Mamba3(Mixer):
             y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, 1, R, H, P)
             return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
         if self._use_triton(x, seq_idx):
-            scan = self._triton_mimo_scan if cfg.mimo else self._triton_scan
-            y = scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, T, R, H, P)
+            if cfg.mimo:
+                y = self._triton_mimo_scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, T, R, H, P)
+            else:
+                y = self._triton_scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx)  # (B, T, 1, H, P)
             return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
         dtheta = None  # (B, T, H, S) angle increments, for the PyTorch reference
         if cfg.rotation == "data_dependent":
@@ -345,10 +347,11 @@ class Mamba3(Mixer):
         backend = self.cfg.backend
         if backend == "torch":
             return False
-        usable = seq_idx is None and triton_runnable(x, backend)  # "auto" never picks the CPU interpreter
+        # "auto" never picks the CPU interpreter; packed batches (seq_idx) run the SISO kernels, not the MIMO ones
+        usable = triton_runnable(x, backend) and (seq_idx is None or not self.cfg.mimo)
         if backend == "triton" and not usable:
-            raise RuntimeError("mamba3 backend 'triton' needs triton, a CUDA device and an unpacked batch (no seq_idx); "
-                               "use backend 'auto' to fall back to the PyTorch reference")
+            raise RuntimeError("mamba3 backend 'triton' needs triton, a CUDA device, and for MIMO an unpacked batch "
+                               "(no seq_idx); use backend 'auto' to fall back to the PyTorch reference")
         if usable:
             from hybrid.kernels.mamba3.triton_siso import unsupported_reason
 
@@ -431,7 +434,7 @@ class Mamba3(Mixer):
             cache.update(state)
         return y  # (B, T, R, H, P)
 
-    def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache):
+    def _triton_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx=None):
         """SISO scan through the Triton kernels: chunked forward (prefill/training) or fused decode step."""
         from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
         from hybrid.kernels.mamba3.triton_siso import mamba3_siso_step_
@@ -449,7 +452,7 @@ class Mamba3(Mixer):
             return y[:, None, None]  # (B, 1, 1, H, P)
         y, state = mamba3_siso_chunk(q, k, xs, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, self.D,
                                      initial_state=None if cache is None else cache.state(),
-                                     chunk_size=cfg.resolved_chunk_size)
+                                     chunk_size=cfg.resolved_chunk_size, seq_idx=seq_idx)
         if cache is not None:
             cache.update(state)
         return y[:, :, None]  # (B, T, 1, H, P)
