@@ -1,10 +1,11 @@
 """Every launch config of the Mamba-3 SISO chunk kernels, checked for finite and bit-identical results
 (a GPU diagnostic for kernel changes; it found the dk/dx miscompile logged in docs/perf-notes.md, v7).
 
-    python scripts/check_scan_determinism.py
+    python scripts/check_scan_determinism.py [--packed]
 
 For each of the three big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
-forward + backward four times on the same bf16 inputs. Before each run, freed memory is filled with NaN
+forward + backward four times on the same bf16 inputs (with ``--packed``: several documents per row, the
+``seq_idx`` kernels). Before each run, freed memory is filled with NaN
 so that a read of stale memory shows up. Prints the count of non-finite values and whether all runs agree.
 """
 
@@ -33,6 +34,11 @@ class Fixed:
 
 
 def main() -> None:
+    packed = "--packed" in sys.argv[1:]
+    seq = None
+    if packed:  # documents of 130, 1, 301, 64, 504 and 64, 192, 700, 44 tokens
+        seq = torch.cat([torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[None]
+                         for lens in ([130, 1, 301, 64, 504], [64, 192, 700, 44])]).cuda()
     inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
@@ -45,7 +51,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.full((64 << 20,), float("nan"), device="cuda")  # freed at once: poisons the allocator's blocks
                 y, _, ctx = fw.chunk_forward(x["q"], x["k"], x["v"], x["log_decay"], x["dt"], x["lam"], x["omega"], True,
-                                             x["q_bias"], x["k_bias"], x["D"], st, 64)
+                                             x["q_bias"], x["k_bias"], x["D"], st, 64, seq)
                 grads = bw.mamba3_siso_chunk_bwd(ctx, dy, None, None, None)
                 runs.append({"y": y, **{k: v for k, v in grads.items() if v is not None}})
             bad = sum(int((~torch.isfinite(v)).sum()) for run in runs for v in run.values())
