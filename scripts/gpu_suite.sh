@@ -13,6 +13,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 mapfile -t gpu_files < <(grep -l "mark.gpu" tests/*.py)
 python -m pytest -q -m gpu --junitxml="$out/gpu-tests.xml" "${gpu_files[@]}" 2>&1 | tee "$out/gpu-tests.log"
 status=${PIPESTATUS[0]}
+# Every launch config of the scan's chunk kernels, finite and bit-identical (a Triton miscompile hid there once).
+if [ -z "${SKIP_DETERMINISM:-}" ]; then
+  python scripts/check_scan_determinism.py 2>&1 | tee "$out/determinism.log"
+  python scripts/check_scan_determinism.py --packed 2>&1 | tee "$out/determinism-packed.log"
+fi
 for bench in ${BENCHMARKS:-benchmarks/*.py}; do
   [ -f "$bench" ] || continue
   name=$(basename "$bench" .py)
