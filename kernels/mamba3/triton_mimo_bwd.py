@@ -27,6 +27,13 @@ in-kernel reshapes (rows -> (C, R)); what is summed over B and T (biases, v_rank
 from per-chunk partials, d omega over heads from the per-head d angle. No atomics: the backward is
 deterministic. The entry angles' gradient (each chunk's d angle total) flows on through ``angle_offsets``
 by autograd, as do the gradients of scale, gamma and G_{-1} (``mimo.py``).
+
+Sequence boundaries (HAS_SEQ, ``seq_idx``) mask the same terms as in the forward: the intra weights between
+documents, the entering state outside the document open at the chunk start, the local state outside the
+one open at its end (the state passes need nothing: a chunk where a document starts has e^{cs_last} = 0).
+Angle gradients are reverse-summed within each document of a chunk (the transpose of the forward's
+segmented sum); a chunk's entry-angle gradient is what its ``enter`` tokens ask, and autograd through the
+reset-aware ``angle_offsets`` carries it back only as far as the document reaches.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.triton_mimo import (
+    MIMO_KEY,
     _halves,
     _mimo_rows,
+    _mimo_seq,
     _program,
     _row_offsets,
     _state_tile,
@@ -44,7 +53,7 @@ from hybrid.kernels.mamba3.triton_mimo import (
     _values,
     state_pass_block,
 )
-from hybrid.kernels.mamba3.triton_siso import tuned
+from hybrid.kernels.mamba3.triton_siso import _seg_rcumsum, tuned
 
 
 @triton.jit
@@ -60,16 +69,20 @@ def _per_token_tile(t, C: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _mimo_dstate(Q, A, DT, SCALE, GAMMA, OMEGA, QB, THETA_OFF, DY, DG_IN,
-                 T, H, G, S, nc, heads_per_group, s_ob, s_ot,
+def _mimo_dstate(Q, A, DT, SCALE, GAMMA, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
+                 T, H, G, S, nc, heads_per_group, s_ob, s_ot, s_sb,
                  C: tl.constexpr, R: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
-                 HAS_QB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
-    b, c, h, g, tok, rk, live, cs, scale, gamma, cos, sin = _program(A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, T, H, S, nc,
-                                                                     heads_per_group, s_ob, s_ot, C, R, N2, HAS_ROT, ANGLE_DT)
+                 HAS_QB: tl.constexpr, HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    b, c, h, g, tok, rk, live, cs, scale, gamma, cos, sin, seq, enter, to_end = _program(
+        A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, SEQ, T, H, S, nc, heads_per_group, s_ob, s_ot, s_sb, C, R, N2, HAS_ROT,
+        ANGLE_DT, HAS_SEQ)
     qlo, qhi = _halves(Q, QB, b, tok, rk, live, g, h, T, G, cos, sin, R, N2, HAS_QB, HAS_ROT)
     mm = DY.dtype.element_ty
     dy = tl.load(DY + _row_offsets(b, tok, rk, h, T, H, R, P, P), mask=live[:, None], other=0.0).to(tl.float32)
-    weighted = tl.trans((dy * tl.exp(cs)[:, None]).to(mm))  # (P, rows)
+    growth = tl.exp(cs)
+    if HAS_SEQ:
+        growth = growth * enter  # only the document open at the chunk start read the entering state
+    weighted = tl.trans((dy * growth[:, None]).to(mm))  # (P, rows)
     lo, hi = _state_tile(DG_IN, b, c, h, nc, H, P, N2)
     tl.store(lo, tl.dot(weighted, qlo.to(mm)))
     tl.store(hi, tl.dot(weighted, qhi.to(mm)))
@@ -96,15 +109,16 @@ def _mimo_state_pass_bwd(DSTATES, G_IN, CS_LAST, DG_FINAL, DCSL_PART, DG0, H, nc
 
 
 @triton.jit
-def _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN, DY, DCS, DSCALE, DGAMMA, DTHETA,
-                b, c, h, g, T, H, G, S, nc, s_ob, s_ot,
+def _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY, DCS, DSCALE, DGAMMA, DTHETA,
+                b, c, h, g, T, H, G, S, nc, s_ob, s_ot, s_sb,
                 C: tl.constexpr, R: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                 HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VR: tl.constexpr,
-                HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+                HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Query side of chunk c for head h: stores the head's per-token d cs, d scale, d gamma and d angle
     terms, returns its dq rows (un-rotated, fp32)."""
-    tok, rk, live, cs, scale, gamma, cos, sin = _mimo_rows(A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, b, c, h, T, H, S, nc,
-                                                           s_ob, s_ot, C, R, N2, HAS_ROT, ANGLE_DT)
+    tok, rk, live, cs, scale, gamma, cos, sin, seq, enter, to_end = _mimo_rows(
+        A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, SEQ, b, c, h, T, H, S, nc, s_ob, s_ot, s_sb, C, R, N2, HAS_ROT, ANGLE_DT,
+        HAS_SEQ)
     mm = DY.dtype.element_ty
     qlo, qhi = _halves(Q, QB, b, tok, rk, live, g, h, T, G, cos, sin, R, N2, HAS_QB, HAS_ROT)
     klo, khi = _halves(K, KB, b, tok, rk, live, g, h, T, G, cos, sin, R, N2, HAS_KB, HAS_ROT)
@@ -114,7 +128,7 @@ def _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN
     klo16, khi16 = klo.to(mm), khi.to(mm)
     scores = tl.dot(qlo.to(mm), tl.trans(klo16)) + tl.dot(qhi.to(mm), tl.trans(khi16))
     dyx = tl.dot(dy, tl.trans(x.to(mm)))  # dy_j . x_i
-    w, decay, earlier, same = _time_weights(tok, cs, scale, gamma)
+    w, decay, earlier, same = _time_weights(tok, cs, scale, gamma, seq, HAS_SEQ)
     dw = scores * dyx  # d loss / d W[j, i]
     mix = (dyx * w).to(mm)
     dqlo = tl.dot(mix, klo16)
@@ -123,6 +137,8 @@ def _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN
     dg_lo = tl.dot(dy, tl.load(glo).to(mm))  # (rows, N/2): dy_j^T G, first half
     dg_hi = tl.dot(dy, tl.load(ghi).to(mm))
     growth = tl.exp(cs)
+    if HAS_SEQ:
+        growth = growth * enter  # only the document open at the chunk start read the entering state
     from_state = growth * (tl.sum(dg_lo * qlo, axis=1) + tl.sum(dg_hi * qhi, axis=1))
     dqlo += growth[:, None] * dg_lo
     dqhi += growth[:, None] * dg_hi
@@ -142,16 +158,17 @@ def _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN
 
 
 @triton.jit
-def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
+def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
               DCS, DSCALE_Q, DTHETA, DV, DA, DSCALE, DTHETA_TOT, DD_PART, DVR_PART,
-              b, c, h, g, T, H, G, S, nc, s_ob, s_ot,
+              b, c, h, g, T, H, G, S, nc, s_ob, s_ot, s_sb,
               C: tl.constexpr, R: tl.constexpr, N2: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr,
               HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VR: tl.constexpr, HAS_ROT: tl.constexpr,
-              ANGLE_DT: tl.constexpr):
+              ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Key/value side of chunk c for head h: stores the head's dv, d log-decay, d scale, d angle and the
     chunk's d D and d v_rank shares; returns its dk rows (un-rotated, fp32)."""
-    tok, rk, live, cs, scale, gamma, cos, sin = _mimo_rows(A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, b, c, h, T, H, S, nc,
-                                                           s_ob, s_ot, C, R, N2, HAS_ROT, ANGLE_DT)
+    tok, rk, live, cs, scale, gamma, cos, sin, seq, enter, to_end = _mimo_rows(
+        A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, SEQ, b, c, h, T, H, S, nc, s_ob, s_ot, s_sb, C, R, N2, HAS_ROT, ANGLE_DT,
+        HAS_SEQ)
     mm = DY.dtype.element_ty
     qlo, qhi = _halves(Q, QB, b, tok, rk, live, g, h, T, G, cos, sin, R, N2, HAS_QB, HAS_ROT)
     klo, khi = _halves(K, KB, b, tok, rk, live, g, h, T, G, cos, sin, R, N2, HAS_KB, HAS_ROT)
@@ -162,7 +179,7 @@ def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLO
     qlo16, qhi16 = qlo.to(mm), qhi.to(mm)
     scores = tl.dot(qlo16, tl.trans(klo16)) + tl.dot(qhi16, tl.trans(khi16))
     dyx = tl.dot(dy, tl.trans(x16))
-    w, decay, earlier, same = _time_weights(tok, cs, scale, gamma)
+    w, decay, earlier, same = _time_weights(tok, cs, scale, gamma, seq, HAS_SEQ)
     mix_t = tl.trans((dyx * w).to(mm))  # [key i, query j]
     dklo = tl.dot(mix_t, qlo16)
     dkhi = tl.dot(mix_t, qhi16)
@@ -170,7 +187,10 @@ def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLO
 
     # Local state: G_{c+1} gets sum_i e^{cs_last - cs_i} scale_i x_i k_i^T.
     cs_last = tl.min(cs, axis=0)
+    open_end = to_end
     to_end = tl.where(live, tl.exp(cs_last - cs), 0.0)
+    if HAS_SEQ:
+        to_end = to_end * open_end  # only the document still open at the chunk's end enters the local state
     into = to_end * scale
     llo, lhi = _state_tile(DLOCAL, b, c, h, nc, H, P, N2)
     dl_lo, dl_hi = tl.load(llo).to(mm), tl.load(lhi).to(mm)
@@ -213,9 +233,16 @@ def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLO
         turn = tl.load(DTHETA + th, mask=both, other=0.0) + _per_token_tile(klo * dkhi - khi * dklo, C, R, N2)
         # Token t's angle sums the increments up to t: reverse cumulative sum within the chunk here; the
         # chunk's total moves every later chunk's entry angle (autograd through angle_offsets).
-        total = tl.sum(turn, axis=0)
-        tl.store(DTHETA + th, total[None, :] - tl.cumsum(turn, axis=0) + turn, mask=both)
-        tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + j, total, mask=jon)
+        if HAS_SEQ:
+            # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
+            # reaches the ``enter`` tokens.
+            seq_t, enter_t, _ = _mimo_seq(SEQ, b, c, t_loc, T, s_sb, C)
+            tl.store(DTHETA + th, _seg_rcumsum(turn, seq_t), mask=both)
+            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + j, tl.sum(turn * enter_t[:, None], axis=0), mask=jon)
+        else:
+            total = tl.sum(turn, axis=0)
+            tl.store(DTHETA + th, total[None, :] - tl.cumsum(turn, axis=0) + turn, mask=both)
+            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + j, total, mask=jon)
         dklo, dkhi = dklo * cos + dkhi * sin, dkhi * cos - dklo * sin
     return dklo, dkhi
 
@@ -245,12 +272,12 @@ def _store_rank_sums(PTR, lo, hi, b, c, h, nc, H, C: tl.constexpr, R: tl.constex
 
 
 @triton.jit
-def _mimo_bwd_query(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN, DY,
+def _mimo_bwd_query(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY,
                     DQ, DQB_PART, DCS, DSCALE, DGAMMA, DTHETA,
-                    T, H, G, S, nc, heads_per_group, s_ob, s_ot,
+                    T, H, G, S, nc, heads_per_group, s_ob, s_ot, s_sb,
                     C: tl.constexpr, R: tl.constexpr, N2: tl.constexpr, P: tl.constexpr,
                     HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VR: tl.constexpr,
-                    HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr):
+                    HAS_ROT: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """One program per (chunk, sequence, group): the group's heads one after the other, their dq summed
     in registers (no per-head dq in memory), the per-head bias gradient as per-chunk partial sums."""
     c, bg = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
@@ -260,9 +287,9 @@ def _mimo_bwd_query(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, 
     acc_hi = tl.zeros((C * R, N2), dtype=tl.float32)
     for hh in range(heads_per_group):
         h = g * heads_per_group + hh
-        dlo, dhi = _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, G_IN, DY, DCS, DSCALE, DGAMMA,
-                               DTHETA, b, c, h, g, T, H, G, S, nc, s_ob, s_ot, C, R, N2, P,
-                               HAS_QB, HAS_KB, HAS_VR, HAS_ROT, ANGLE_DT)
+        dlo, dhi = _query_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY, DCS, DSCALE,
+                               DGAMMA, DTHETA, b, c, h, g, T, H, G, S, nc, s_ob, s_ot, s_sb, C, R, N2, P,
+                               HAS_QB, HAS_KB, HAS_VR, HAS_ROT, ANGLE_DT, HAS_SEQ)
         if HAS_QB:
             _store_rank_sums(DQB_PART, dlo, dhi, b, c, h, nc, H, C, R, N2)
         acc_lo += dlo
@@ -271,12 +298,12 @@ def _mimo_bwd_query(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, THETA_OFF, 
 
 
 @triton.jit
-def _mimo_bwd_key(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
+def _mimo_bwd_key(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
                   DCS, DSCALE_Q, DTHETA, DK, DKB_PART, DV, DA, DSCALE, DTHETA_TOT, DD_PART, DVR_PART,
-                  T, H, G, S, nc, heads_per_group, s_ob, s_ot,
+                  T, H, G, S, nc, heads_per_group, s_ob, s_ot, s_sb,
                   C: tl.constexpr, R: tl.constexpr, N2: tl.constexpr, P: tl.constexpr, HAS_D: tl.constexpr,
                   HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VR: tl.constexpr, HAS_ROT: tl.constexpr,
-                  ANGLE_DT: tl.constexpr):
+                  ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Key/value side, one program per (chunk, sequence, group) as ``_mimo_bwd_query``."""
     c, bg = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, g = bg // G, bg % G
@@ -285,10 +312,10 @@ def _mimo_bwd_key(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF,
     acc_hi = tl.zeros((C * R, N2), dtype=tl.float32)
     for hh in range(heads_per_group):
         h = g * heads_per_group + hh
-        dlo, dhi = _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, DLOCAL, DCSL, DY,
+        dlo, dhi = _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
                              DCS, DSCALE_Q, DTHETA, DV, DA, DSCALE, DTHETA_TOT, DD_PART, DVR_PART,
-                             b, c, h, g, T, H, G, S, nc, s_ob, s_ot, C, R, N2, P, HAS_D,
-                             HAS_QB, HAS_KB, HAS_VR, HAS_ROT, ANGLE_DT)
+                             b, c, h, g, T, H, G, S, nc, s_ob, s_ot, s_sb, C, R, N2, P, HAS_D,
+                             HAS_QB, HAS_KB, HAS_VR, HAS_ROT, ANGLE_DT, HAS_SEQ)
         if HAS_KB:
             _store_rank_sums(DKB_PART, dlo, dhi, b, c, h, nc, H, C, R, N2)
         acc_lo += dlo
@@ -296,16 +323,16 @@ def _mimo_bwd_key(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF,
     _store_group(DK, acc_lo, acc_hi, b, tok, rk, live, g, T, G, R, N2)
 
 
-_mimo_dstate_tuned = tuned(_mimo_dstate)
-_mimo_bwd_query_tuned = tuned(_mimo_bwd_query)
-_mimo_bwd_key_tuned = tuned(_mimo_bwd_key, restore=("DTHETA",))  # read, then rewritten in place
+_mimo_dstate_tuned = tuned(_mimo_dstate, key=MIMO_KEY)
+_mimo_bwd_query_tuned = tuned(_mimo_bwd_query, key=MIMO_KEY)
+_mimo_bwd_key_tuned = tuned(_mimo_bwd_key, restore=("DTHETA",), key=MIMO_KEY)  # read, then rewritten in place
 
 
 def mimo_chunk_bwd(q, k, v, log_decay, dt, scale, gamma, omega, theta_off, q_bias, k_bias, D, v_rank, g_in, cs_last,
-                   dy, dg_final, angle_dt, chunk_size):
+                   dy, dg_final, angle_dt, chunk_size, seq_idx=None):
     """Gradients of ``triton_mimo.mimo_chunk_fwd`` with respect to its inputs, in its argument order:
     q, k, v, log_decay, dt (the angle part only), scale, gamma, omega, theta_off, q_bias, k_bias, D, v_rank,
-    g0 (None where an input was absent or gets none)."""
+    g0 (None where an input was absent or gets none). seq_idx: as given to the forward."""
     Bsz, T, R, G, N = q.shape
     H, P = v.shape[2:]
     C = chunk_size
@@ -316,14 +343,15 @@ def mimo_chunk_bwd(q, k, v, log_decay, dt, scale, gamma, omega, theta_off, q_bia
     om = omega if has_rot else dt
     dummy = dt
     dy = dy.contiguous()
-    shape = (T, H, G, S, nc, H // G, om.stride(0), om.stride(1))
-    flags = dict(C=C, R=R, N2=N // 2, P=P, HAS_ROT=has_rot, ANGLE_DT=angle_dt)
+    seq = seq_idx if seq_idx is not None else dt  # never read without HAS_SEQ
+    shape = (T, H, G, S, nc, H // G, om.stride(0), om.stride(1), seq.stride(0))
+    flags = dict(C=C, R=R, N2=N // 2, P=P, HAS_ROT=has_rot, ANGLE_DT=angle_dt, HAS_SEQ=seq_idx is not None)
     qb = q_bias if q_bias is not None else dummy
     kb = k_bias if k_bias is not None else dummy
     vr = v_rank if v_rank is not None else dummy
 
     dstates = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=torch.float32)
-    _mimo_dstate_tuned[(nc, Bsz * H)](q, log_decay, dt, scale, gamma, om, qb, theta_off, dy, dstates, *shape,
+    _mimo_dstate_tuned[(nc, Bsz * H)](q, log_decay, dt, scale, gamma, om, qb, theta_off, seq, dy, dstates, *shape,
                              HAS_QB=q_bias is not None, **flags)
     PN = P * N
     block = state_pass_block(PN)
@@ -346,11 +374,11 @@ def mimo_chunk_bwd(q, k, v, log_decay, dt, scale, gamma, omega, theta_off, q_bia
     dvr_part = torch.empty(Bsz, nc, H, R, P, **f32)
     dv = torch.empty_like(v)
     group_grid = (nc, Bsz * G)  # the heads of a group run in one program: dq, dk summed in registers
-    _mimo_bwd_query_tuned[group_grid](q, k, v, vr, log_decay, dt, scale, gamma, om, qb, kb, theta_off, g_in, dy,
+    _mimo_bwd_query_tuned[group_grid](q, k, v, vr, log_decay, dt, scale, gamma, om, qb, kb, theta_off, seq, g_in, dy,
                                       dq, dqb_part, dcs, dscale_q, dgamma, dtheta, *shape, HAS_QB=q_bias is not None,
                                       HAS_KB=k_bias is not None, HAS_VR=v_rank is not None, **flags)
     _mimo_bwd_key_tuned[group_grid](q, k, v, vr, log_decay, dt, scale, gamma, om, qb, kb, D if D is not None else dummy,
-                                    theta_off, dstates, dcsl, dy, dcs, dscale_q, dtheta, dk, dkb_part, dv, da, dscale,
+                                    theta_off, seq, dstates, dcsl, dy, dcs, dscale_q, dtheta, dk, dkb_part, dv, da, dscale,
                                     dtheta_tot, dd_part, dvr_part, *shape, HAS_QB=q_bias is not None,
                                     HAS_KB=k_bias is not None, HAS_VR=v_rank is not None, HAS_D=D is not None, **flags)
     dq_bias = dqb_part.sum((0, 1)) if q_bias is not None else None  # (H, R, N)
