@@ -17,9 +17,9 @@ follow docs/mamba3-spec.md; the kernels live in ``hybrid.kernels.mamba3``.
 
 Backends: with ``backend`` auto (on CUDA) or triton, the chunked scan runs the Triton kernels, forward and
 backward (SISO: ``siso.py``; MIMO: ``mimo.py``, chunk_size * R rows per chunk), and decode steps run a
-fused Triton step kernel. Packed batches (``seq_idx``) run the SISO kernels; MIMO packed batches and shapes
-the kernels do not support (d_state a power of two >= 32, headdim a power of two >= 16, rows per chunk a
-power of two >= 16) use the PyTorch reference under auto and raise under triton.
+fused Triton step kernel; packed batches (``seq_idx``) included. Shapes the kernels do not support (d_state a
+power of two >= 32, headdim a power of two >= 16, rows per chunk a power of two >= 16) use the PyTorch
+reference under auto and raise under triton.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Mamba3Config:
     outproj_norm: bool = False  # per-head RMSNorm of y before the gate
     norm_eps: float = 1e-5
     chunk_size: int | None = None  # power of two; None = 64 // R rounded down to a power of two
-    # auto = Triton kernels on CUDA where they apply (unpacked batches, supported shapes), else the PyTorch reference
+    # auto = Triton kernels on CUDA where they apply (supported shapes), else the PyTorch reference
     backend: Literal["auto", "triton", "torch"] = "auto"
     # On CUDA, run the elementwise work before the scan (B/C norms, dt, decay, trapezoid gate, angle rate) and
     # after it (norm, gate) through torch.compile: a few fused kernels instead of ~60 small launches per layer.
@@ -318,10 +318,8 @@ class Mamba3(Mixer):
             y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, 1, R, H, P)
             return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
         if self._use_triton(x, seq_idx):
-            if cfg.mimo:
-                y = self._triton_mimo_scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, T, R, H, P)
-            else:
-                y = self._triton_scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx)  # (B, T, 1, H, P)
+            scan = self._triton_mimo_scan if cfg.mimo else self._triton_scan
+            y = scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx)  # (B, T, R, H, P)
             return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(x.dtype))
         dtheta = None  # (B, T, H, S) angle increments, for the PyTorch reference
         if cfg.rotation == "data_dependent":
@@ -347,11 +345,10 @@ class Mamba3(Mixer):
         backend = self.cfg.backend
         if backend == "torch":
             return False
-        # "auto" never picks the CPU interpreter; packed batches (seq_idx) run the SISO kernels, not the MIMO ones
-        usable = triton_runnable(x, backend) and (seq_idx is None or not self.cfg.mimo)
+        usable = triton_runnable(x, backend)  # "auto" never picks the CPU interpreter
         if backend == "triton" and not usable:
-            raise RuntimeError("mamba3 backend 'triton' needs triton, a CUDA device, and for MIMO an unpacked batch "
-                               "(no seq_idx); use backend 'auto' to fall back to the PyTorch reference")
+            raise RuntimeError("mamba3 backend 'triton' needs triton and a CUDA device; "
+                               "use backend 'auto' to fall back to the PyTorch reference")
         if usable:
             from hybrid.kernels.mamba3.triton_siso import unsupported_reason
 
@@ -420,7 +417,7 @@ class Mamba3(Mixer):
                               getattr(self, "mimo_x", None), self.D, self.pairing)
         return y[:, None]  # (B, 1, R, H, P)
 
-    def _triton_mimo_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache):
+    def _triton_mimo_scan(self, Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx=None):
         """MIMO chunked scan (training, prefill) through the Triton kernels, "half" pairing; reads and
         updates the cache when given (decode steps go through ``_triton_mimo_step`` or the reference)."""
         from hybrid.kernels.mamba3.mimo import mamba3_mimo_chunk
@@ -429,7 +426,7 @@ class Mamba3(Mixer):
         y, state = mamba3_mimo_chunk(Cm, Bm, xs, log_decay, dt, lam, omega, angle_dt, getattr(self, "C_bias", None),
                                      getattr(self, "B_bias", None), self.D, self.mimo_x,
                                      initial_state=None if cache is None else cache.state(),
-                                     chunk_size=self.cfg.resolved_chunk_size)
+                                     chunk_size=self.cfg.resolved_chunk_size, seq_idx=seq_idx)
         if cache is not None:
             cache.update(state)
         return y  # (B, T, R, H, P)
