@@ -144,6 +144,24 @@ def _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HA
 
 
 @triton.jit
+def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
+                   HAS_SEQ: tl.constexpr):
+    """What every chunk kernel starts from: its chunk c, sequence b, head h and group g (int64: offsets into
+    (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches), the chunk's token
+    indices, the document flags of ``_seq_flags`` (placeholders without documents) and the coefficients."""
+    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    g = h // heads_per_group
+    t = c * C + tl.arange(0, C)
+    tmask = t < T
+    seq, enter, to_end, through = tmask, tmask, tmask, tmask
+    if HAS_SEQ:
+        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
+    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+    return c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt
+
+
+@triton.jit
 def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
                   C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                   HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, dtype: tl.constexpr,
@@ -168,16 +186,8 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST
                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                      HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    seq, enter = tmask, tmask  # placeholders without document boundaries
-    if HAS_SEQ:
-        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
     p = tl.arange(0, P)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
@@ -223,16 +233,8 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
                     C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                     HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
                     HAS_SEQ: tl.constexpr):
-    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    seq, enter = tmask, tmask  # placeholders without document boundaries
-    if HAS_SEQ:
-        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty

@@ -37,6 +37,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     SISO_KEY,
     _block_trig,
     _chunk_coeffs,
+    _chunk_program,
     _chunk_scores,
     _from_eo,
     _load_pairs,
@@ -60,16 +61,8 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                       HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    seq, enter = tmask, tmask  # placeholders without document boundaries
-    if HAS_SEQ:
-        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
     p = tl.arange(0, P)
     dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     dtype = DY.dtype.element_ty
@@ -139,16 +132,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, and the query half of d angle."""
-    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    seq, enter = tmask, tmask  # placeholders without document boundaries
-    if HAS_SEQ:
-        seq, enter, to_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
@@ -260,7 +245,8 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, 
     """Key/value side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), dx, the
     local-state terms, d log-decay (reverse cumulative sum of everything d cs), d scale, d D, and d angle
     (completed and reverse-summed)."""
-    # int64 ids: offsets into (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches
+    # The prologue of ``_chunk_program``, written out: through the helper this kernel (the one Triton 3.6
+    # miscompiled, v7 in docs/perf-notes.md) gets another spill layout at 4 warps, not yet checked on a GPU.
     c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     g = h // heads_per_group
