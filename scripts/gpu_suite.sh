@@ -11,7 +11,9 @@ python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 # Only the files that hold GPU tests: the others may import packages the GPU image lacks (hydra, wandb).
 mapfile -t gpu_files < <(grep -l "mark.gpu" tests/*.py)
-python -m pytest -q -m gpu --junitxml="$out/gpu-tests.xml" "${gpu_files[@]}" 2>&1 | tee "$out/gpu-tests.log"
+# -v with a clock on each line: a slow or hung test shows where the time went even if the call is cut off.
+timeout "${TEST_TIMEOUT:-900}" python -m pytest -v -m gpu --durations=15 --junitxml="$out/gpu-tests.xml" "${gpu_files[@]}" 2>&1 \
+  | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done | tee "$out/gpu-tests.log"
 status=${PIPESTATUS[0]}
 # Every launch config of the scan's chunk kernels, finite and bit-identical (a Triton miscompile hid there once).
 if [ -z "${SKIP_DETERMINISM:-}" ]; then

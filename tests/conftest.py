@@ -10,6 +10,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Without a GPU, Triton kernels run in its interpreter (numpy on the CPU): set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    os.environ.setdefault("HYBRID_TRITON_TUNE", "fixed")  # compile one launch config per kernel, not six
 
 
 def pytest_collection_modifyitems(config, items):

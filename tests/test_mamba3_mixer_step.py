@@ -1,4 +1,4 @@
-"""The fused SISO mixer decode step (``triton_mixer_step.py``) against the layer's eager path.
+"""The fused mixer decode step (``triton_mixer_step.py``, SISO and MIMO) against the layer's eager path.
 
 On the CPU the kernel runs under TRITON_INTERPRET=1 (conftest); the layer with backend "triton" uses it for
 every decode step, and backend "torch" is the oracle: outputs and every cache tensor after several steps.
@@ -17,6 +17,9 @@ VARIANTS = {
     "fixed-rope-half-trapezoid": dict(rotation="data_independent", trapezoid="half", ngroups=2),
     "no-rotation-euler-softplus": dict(rotation="none", trapezoid="euler", a_activation="softplus"),
     "no-norm-no-bias": dict(bc_norm=False, bc_bias=False, rope_fraction=1.0),
+    "mimo2": dict(mimo_rank=2),
+    "mimo4-groups-fixed-rope": dict(mimo_rank=4, ngroups=2, rotation="data_independent", rope_fraction=1.0),
+    "mimo1-no-norm-half-trapezoid": dict(is_mimo=True, bc_norm=False, trapezoid="half", a_activation="softplus"),
 }
 
 
@@ -28,8 +31,8 @@ def _decode_both(variant, dtype, device, monkeypatch, d_model=64, **extra):
     monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     kw = dict(d_state=32, headdim=16, chunk_size=16, fused_decode_step=True, **VARIANTS[variant]) | extra
-    # fp32: the PyTorch reference step is the oracle. bf16: the unfused Triton step, which rounds at the same
-    # points (the reference keeps y in fp32 through the gate, so bf16 outputs differ by more than rounding noise).
+    # fp32: the PyTorch reference step is the oracle. bf16: the unfused Triton step (SISO or MIMO), which rounds
+    # at the same points (the reference keeps y in fp32 through the gate, so bf16 outputs differ by more than rounding noise).
     ref = Mamba3(d_model, Mamba3Config(**kw, backend="torch" if dtype == torch.float32 else "triton")).to(device, dtype)
     ref._use_fused_step = lambda *args: False
     fast = Mamba3(d_model, Mamba3Config(**kw, backend="triton")).to(device, dtype)
@@ -76,9 +79,9 @@ def test_gpu_fused_step_bf16_matches_unfused_step(variant, monkeypatch):
 
 
 def test_unsupported_layers_fall_back():
-    assert triton_mixer_step.unsupported_reason(32, 16, mimo=True, outproj_norm=False)
-    assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=True)
-    assert triton_mixer_step.unsupported_reason(32, 16, mimo=False, outproj_norm=False) is None
+    assert triton_mixer_step.unsupported_reason(32, 16, rank=3, outproj_norm=False)
+    assert triton_mixer_step.unsupported_reason(32, 16, rank=1, outproj_norm=True)
+    assert triton_mixer_step.unsupported_reason(32, 16, rank=4, outproj_norm=False) is None
     layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16, outproj_norm=True, backend="triton",
                                     fused_decode_step=True))
     assert not layer._use_fused_step(torch.zeros(1, 1, 64), None)

@@ -1,18 +1,20 @@
-"""Whole Mamba-3 SISO mixer decode step between the two projections, as one Triton kernel.
+"""Whole Mamba-3 mixer decode step (SISO or MIMO) between the two projections, as one Triton kernel.
 
 A decode step of the layer is ``in_proj`` -> [BCNorm, dt / decay / trapezoid gate / angle rate, biases,
-rotation, state update, readout, D skip, SiLU gate] -> ``out_proj``. At batch 1 the middle part is about
-twenty small kernels even after torch.compile; here it is one. One program owns one (sequence, head): it
-reads its slices of the ``in_proj`` row, normalises its group's B and C (every head of the group repeats
-that, N values), advances the head's angles, rotates q and k, streams the (P, N) state through in (BP, N)
-row blocks, and writes the gated output row that ``out_proj`` reads. The cache (angle, ssm, k, v) is
-updated in place with static shapes, so the step can be captured in a CUDA graph.
+rotation, state update, readout, D skip, SiLU gate, MIMO contraction] -> ``out_proj``. At batch 1 the middle
+part is about twenty small kernels even after torch.compile; here it is one. One program owns one
+(sequence, head): it reads its slices of the ``in_proj`` row, normalises its group's B and C per rank (every
+head of the group repeats that, N values each), advances the head's angles, rotates q and k, streams the
+(P, N) state through in (BP, N) row blocks, and writes the gated output row that ``out_proj`` reads. The
+state is read and written once whatever the rank R: MIMO adds R-fold FLOPs in registers, not traffic. The
+cache (angle, ssm, k, v) is updated in place with static shapes, so the step can be captured in a CUDA graph.
 
 Same math as ``layers/mamba3.py`` (``ssm_inputs``, ``gate_output``) and ``naive.mamba3_step``; the layer's
 eager path is the oracle in the tests. Rounding follows the eager layer: B and C are rounded to the
-activation type after their norm, y before the gate.
+activation type after their norm, y before the gate, and MIMO's scaled gate and per-rank products before
+the sum over ranks.
 
-Supported: SISO (interleaved pairing), any rotation kind, learned / fixed trapezoid, both A activations,
+Supported: SISO and MIMO (rank 1, 2, 4, 8), any rotation kind, learned / fixed trapezoid, both A activations,
 with or without BCNorm and B/C biases, no output norm (the layer falls back to its usual step otherwise).
 """
 
@@ -42,38 +44,53 @@ def _softplus(x):
 
 
 @triton.jit
-def _bc_vector(ROW, off, n, partner, NORM_W, BIAS, h, eps, N: tl.constexpr, BC_NORM: tl.constexpr,
-               HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
-    """The head's B or C (channel n and its rotation partner): RMS-normalised with its gain, rounded to the
-    activation type as the eager layer does, plus the head's bias; float32."""
-    v = tl.load(ROW + off + n).to(tl.float32)
-    w = tl.load(ROW + off + partner).to(tl.float32)
+def _rank_vector(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign, eps, R: tl.constexpr, N: tl.constexpr,
+                 BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr, dtype: tl.constexpr):
+    """Rank r's B or C for the head, (N,) float32: RMS-normalised with its gain and rounded to the activation type
+    as the eager layer does, plus the head's bias, channel pairs rotated by the head's angles (cos, sin)."""
+    base = ROW + off + (r * G + g) * N
+    v = tl.load(base + n).to(tl.float32)
+    if HAS_ROT:
+        w = tl.load(base + partner).to(tl.float32)
     if BC_NORM:
         inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
         v = (v * inv * tl.load(NORM_W + n).to(tl.float32)).to(dtype).to(tl.float32)
-        w = (w * inv * tl.load(NORM_W + partner).to(tl.float32)).to(dtype).to(tl.float32)
+        if HAS_ROT:
+            w = (w * inv * tl.load(NORM_W + partner).to(tl.float32)).to(dtype).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(BIAS + h * N + n).to(tl.float32)
-        w += tl.load(BIAS + h * N + partner).to(tl.float32)
-    return v, w
+        v += tl.load(BIAS + (h * R + r) * N + n).to(tl.float32)
+        if HAS_ROT:
+            w += tl.load(BIAS + (h * R + r) * N + partner).to(tl.float32)
+    if HAS_ROT:
+        v = v * cos + sign * w * sin
+    return v
 
 
 @triton.jit
-def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROPE, ANGLE, SSM, KC, VC, OUT,
-                       s_proj, s_out, H, S, heads_per_group, d_inner, off_b, off_c, off_dt, off_a, off_lam, off_th,
-                       eps, a_floor, lam_fixed,
-                       N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, BC_NORM: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HEAVY_TAIL: tl.constexpr, LEARNED_LAM: tl.constexpr,
-                       ROTATION: tl.constexpr):
-    """ROTATION: 0 none, 1 data-dependent (pi tanh(u_theta) scaled by dt), 2 data-independent (fixed rates)."""
+def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROPE, MIMO_X, MIMO_Z, MIMO_O,
+                       ANGLE, SSM, KC, VC, OUT, s_proj, s_out, H, G, S, heads_per_group, d_inner,
+                       off_b, off_c, off_dt, off_a, off_lam, off_th, eps, a_floor, lam_fixed,
+                       R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, HALF: tl.constexpr,
+                       MIMO: tl.constexpr, BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HEAVY_TAIL: tl.constexpr,
+                       LEARNED_LAM: tl.constexpr, ROTATION: tl.constexpr):
+    """ROTATION: 0 none, 1 data-dependent (pi tanh(u_theta) scaled by dt), 2 data-independent (fixed rates).
+    HALF pairs channels (i, i + N/2) (MIMO), else (2i, 2i + 1) (SISO). MIMO: per-rank scales of x, z and the output."""
     b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     g = h // heads_per_group
     row = PROJ + b * s_proj
     dtype = OUT.dtype.element_ty
     n = tl.arange(0, N)
-    partner = n ^ 1
-    q, q_partner = _bc_vector(row, off_c + g * N, n, partner, C_NORM_W, C_BIAS, h, eps, N, BC_NORM, HAS_BIAS, dtype)
-    k, k_partner = _bc_vector(row, off_b + g * N, n, partner, B_NORM_W, B_BIAS, h, eps, N, BC_NORM, HAS_BIAS, dtype)
+    if HALF:
+        lower = n < N // 2
+        pair = tl.where(lower, n, n - N // 2)
+        partner = tl.where(lower, n + N // 2, n - N // 2)
+        sign = tl.where(lower, -1.0, 1.0)
+        first = lower
+    else:  # (2i, 2i+1) -> (e c - o s, e s + o c)
+        pair = n // 2
+        partner = n ^ 1
+        sign = tl.where(n % 2 == 0, -1.0, 1.0)
+        first = n % 2 == 0
 
     dt = _softplus(tl.load(row + off_dt + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32))
     u_a = tl.load(row + off_a + h).to(tl.float32)
@@ -87,8 +104,9 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     else:
         lam = lam_fixed
 
+    cos = tl.full((N,), 1.0, tl.float32)
+    sin = tl.zeros((N,), tl.float32)
     if ROTATION != 0:
-        pair = n // 2
         pmask = pair < S
         if ROTATION == 1:
             u = tl.load(row + off_th + pair, mask=pmask, other=0.0).to(tl.float32)
@@ -97,74 +115,118 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
             inc = tl.load(ROPE + pair, mask=pmask, other=0.0).to(tl.float32)
         theta = tl.load(ANGLE + (b * H + h) * S + pair, mask=pmask, other=0.0) + inc
         theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & (n % 2 == 0))
+        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first)
         cos, sin = tl.cos(theta), tl.sin(theta)
-        sign = tl.where(n % 2 == 0, -1.0, 1.0)  # (2i, 2i+1) -> (e c - o s, e s + o c)
-        q = q * cos + sign * q_partner * sin
-        k = k * cos + sign * k_partner * sin
 
-    k_prev = tl.load(KC + (b * H + h) * N + n).to(tl.float32)
     alpha = tl.exp(a)
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
     d_skip = tl.load(D + h).to(tl.float32)
+    kc = KC + (b * R * H + h) * N + n  # rank r's cached key at kc + r * H * N
     for p0 in range(0, P, BP):
         p = p0 + tl.arange(0, BP)
         x = tl.load(row + d_inner + h * P + p).to(tl.float32)
         z = tl.load(row + h * P + p).to(tl.float32)
         x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
         ptr = SSM + ((b * H + h) * P + p[:, None]) * N + n[None, :]
-        st = alpha * tl.load(ptr).to(tl.float32) + beta * x_prev[:, None] * k_prev[None, :] + gamma * x[:, None] * k[None, :]
+        st = alpha * tl.load(ptr).to(tl.float32)
+        for r in tl.static_range(R):  # rank-summed outer products of the previous and the current token
+            k = _rank_vector(row, off_b, r, g, G, n, partner, B_NORM_W, B_BIAS, h, cos, sin, sign, eps, R, N,
+                             BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
+            k_prev = tl.load(kc + r * H * N).to(tl.float32)
+            if MIMO:
+                scale = tl.load(MIMO_X + (h * R + r) * P + p).to(tl.float32)
+            else:
+                scale = 1.0
+            st += (beta * scale * x_prev)[:, None] * k_prev[None, :] + (gamma * scale * x)[:, None] * k[None, :]
         tl.store(ptr, st.to(SSM.dtype.element_ty))
-        y = (tl.sum(st * q[None, :], axis=1) + d_skip * x).to(dtype).to(tl.float32)
-        gate = (z * tl.sigmoid(z)).to(dtype).to(tl.float32)
-        tl.store(OUT + b * s_out + h * P + p, (y * gate).to(dtype))
+        out = tl.zeros((BP,), tl.float32)
+        for r in tl.static_range(R):  # readout per rank, SiLU gate, MIMO contraction (rounded as the eager layer)
+            q = _rank_vector(row, off_c, r, g, G, n, partner, C_NORM_W, C_BIAS, h, cos, sin, sign, eps, R, N,
+                             BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
+            if MIMO:
+                scale = tl.load(MIMO_X + (h * R + r) * P + p).to(tl.float32)
+                zr = (z * tl.load(MIMO_Z + (h * R + r) * P + p).to(tl.float32)).to(dtype).to(tl.float32)
+            else:
+                scale = 1.0
+                zr = z
+            y = (tl.sum(st * q[None, :], axis=1) + d_skip * scale * x).to(dtype).to(tl.float32)
+            gate = (zr * tl.sigmoid(zr)).to(dtype).to(tl.float32)
+            if MIMO:
+                o = (y * gate).to(dtype).to(tl.float32)
+                out += (o * tl.load(MIMO_O + (h * R + r) * P + p).to(tl.float32)).to(dtype).to(tl.float32)
+            else:
+                out += y * gate
+        tl.store(OUT + b * s_out + h * P + p, out.to(dtype))
         tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
-    tl.store(KC + (b * H + h) * N + n, k.to(KC.dtype.element_ty))
+    for r in tl.static_range(R):  # after every row block has read the previous keys
+        k = _rank_vector(row, off_b, r, g, G, n, partner, B_NORM_W, B_BIAS, h, cos, sin, sign, eps, R, N,
+                         BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
+        tl.store(kc + r * H * N, k.to(KC.dtype.element_ty))
 
 
-def unsupported_reason(d_state: int, headdim: int, mimo: bool, outproj_norm: bool) -> str | None:
+def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
     """Why the fused mixer step cannot run a layer, or None."""
-    if mimo:
-        return "the fused mixer step is SISO only"
     if outproj_norm:
         return "the fused mixer step has no output norm"
+    if rank < 1 or rank & (rank - 1) or rank > 8:
+        return f"mimo_rank must be 1, 2, 4 or 8, got {rank}"
     if d_state < 2 or d_state & (d_state - 1) or headdim < 1 or headdim & (headdim - 1):
         return f"d_state and headdim must be powers of two, got {d_state} and {headdim}"
     return None
+
+
+def launch_config(batch: int, heads: int, d_state: int, headdim: int) -> tuple[int, int]:
+    """(state rows per block, warps) of the step kernel."""
+    return min(headdim, 16), 4
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
                        headdim: int, n_angles: int, dt_bias: torch.Tensor, D: torch.Tensor,
                        B_norm_weight: torch.Tensor | None, C_norm_weight: torch.Tensor | None,
                        B_bias: torch.Tensor | None, C_bias: torch.Tensor | None, rope_freq: torch.Tensor | None,
-                       eps: float, A_floor: float, a_activation: str, trapezoid: str, rotation: str,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of a SISO Mamba-3 mixer from its ``in_proj`` row to the gated row ``out_proj`` reads.
+                       eps: float, A_floor: float, a_activation: str, trapezoid: str, rotation: str, rank: int = 1,
+                       mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None,
+                       mimo_o: torch.Tensor | None = None, pairing: str = "interleaved", out: torch.Tensor | None = None,
+                       block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """One decode step of a Mamba-3 mixer (SISO, or MIMO of rank R) from its ``in_proj`` row to the gated row
+    ``out_proj`` reads.
 
-    proj (B, D_proj) with unit stride on the last axis, laid out z, x, B, C, u_dt, u_A, [u_lam], [u_theta] as
-    the layer splits it; state: the layer's cache (angle (B, H, S) fp32, ssm (B, H, P, N), k (B, 1, H, N),
-    v (B, H, P)), updated in place; B_bias / C_bias (H, N). Returns (B, H * P) in proj's dtype (into ``out``).
+    proj (B, D_proj) with unit stride on the last axis, laid out z, x (H, P), B, C (R, G, N), u_dt, u_A, [u_lam],
+    [u_theta] as the layer splits it; state: the layer's cache (angle (B, H, S) fp32, ssm (B, H, P, N), k (B, R, H, N),
+    v (B, H, P)), updated in place; B_bias / C_bias (H, R, N); MIMO's per-rank scales mimo_x / mimo_z / mimo_o
+    (H, R, P), or None for SISO. ``pairing`` "interleaved" rotates channels (2i, 2i + 1) (the layer's SISO),
+    "half" (i, i + N/2) (its MIMO). Returns
+    (B, H * P) in proj's dtype (into ``out``). ``block_rows`` / ``num_warps`` override ``launch_config``.
     """
     Bsz = proj.shape[0]
-    H, P, N, G, S = heads, headdim, d_state, groups, n_angles
+    H, P, N, G, S, R = heads, headdim, d_state, groups, n_angles, rank
     if proj.stride(-1) != 1:
         raise ValueError("proj must have a unit stride on its last axis")
+    mimo = mimo_x is not None
+    if mimo and (mimo_z is None or mimo_o is None) or R > 1 and not mimo:
+        raise ValueError("a MIMO step needs all three of the mimo_x, mimo_z and mimo_o scales")
     y = torch.empty(Bsz, H * P, device=proj.device, dtype=proj.dtype) if out is None else out
     off_b = 2 * d_inner
-    off_c = off_b + G * N
-    off_dt = off_c + G * N
+    off_c = off_b + R * G * N
+    off_dt = off_c + R * G * N
     off_a = off_dt + H
     off_lam = off_a + H
     off_th = off_lam + (H if trapezoid == "learned" else 0)
+    bp, warps = launch_config(Bsz, H, N, P)
     dummy = dt_bias
+
+    def arg(t):
+        return t if t is not None else dummy
+
     _mixer_step_kernel[(Bsz, H)](
-        proj, dt_bias, D, B_norm_weight if B_norm_weight is not None else dummy,
-        C_norm_weight if C_norm_weight is not None else dummy, B_bias if B_bias is not None else dummy,
-        C_bias if C_bias is not None else dummy, rope_freq if rope_freq is not None else dummy,
-        state.angle, state.ssm, state.k, state.v, y, proj.stride(0), y.stride(0), H, S, H // G, d_inner,
-        off_b, off_c, off_dt, off_a, off_lam, off_th, eps, A_floor, 0.5 if trapezoid == "half" else 1.0,
-        N=N, P=P, BP=min(P, 16), BC_NORM=B_norm_weight is not None, HAS_BIAS=B_bias is not None,
+        proj, dt_bias, D, arg(B_norm_weight), arg(C_norm_weight), arg(B_bias), arg(C_bias), arg(rope_freq),
+        arg(mimo_x), arg(mimo_z), arg(mimo_o), state.angle, state.ssm, state.k, state.v, y, proj.stride(0),
+        y.stride(0), H, G, S, H // G, d_inner, off_b, off_c, off_dt, off_a, off_lam, off_th, eps, A_floor,
+        0.5 if trapezoid == "half" else 1.0,
+        R=R, N=N, P=P, BP=block_rows or bp, HALF=pairing == "half", MIMO=mimo, BC_NORM=B_norm_weight is not None,
+        HAS_BIAS=B_bias is not None,
         HEAVY_TAIL=a_activation == "heavy_tail", LEARNED_LAM=trapezoid == "learned",
-        ROTATION={"none": 0, "data_dependent": 1, "data_independent": 2}[rotation] if S else 0)
+        ROTATION={"none": 0, "data_dependent": 1, "data_independent": 2}[rotation] if S else 0,
+        num_warps=num_warps or warps)
     return y

@@ -1,0 +1,112 @@
+"""Launch configs of the fused mixer decode step, and where a whole step's time goes (GPU only).
+
+    python scripts/sweep_mixer_step.py --out sweep.json
+
+For each case of ``benchmarks/mamba3_mixer_decode.py`` it times, each inside a CUDA graph of 20 launches
+(so launch gaps are the graph's, as in a real decode step): the fused kernel alone at every (rows per block,
+warps) pair, the two projections alone, and the whole layer step with the default config. The picks feed
+``triton_mixer_step.launch_config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+from hybrid.kernels.mamba3 import triton_mixer_step
+from hybrid.layers.mamba3 import Mamba3, Mamba3Config
+
+CASES = [  # (name, d_model, batch, MIMO rank, cache state dtype)
+    ("d1024_b1", 1024, 1, 1, "float32"),
+    ("d1024_b1_mimo4", 1024, 1, 4, "float32"),
+    ("table6_b128_fp32", 2048, 128, 1, "float32"),
+    ("table6_b128_bf16", 2048, 128, 1, "model"),
+    ("table6_b128_mimo4_fp32", 2048, 128, 4, "float32"),
+    ("table6_b128_mimo4_bf16", 2048, 128, 4, "model"),
+]
+REPEAT = 20
+
+
+def graph_us(fn, reps: int = 50) -> float:
+    """Median microseconds per call of ``fn``, replayed REPEAT times per CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEAT):
+            fn()
+    for _ in range(5):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / REPEAT)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
+    layer = Mamba3(d_model, Mamba3Config(d_state=128, headdim=64, expand=2, mimo_rank=rank, state_dtype=state))
+    layer = layer.cuda().to(torch.bfloat16).eval()
+    cache = layer.allocate_cache(batch, 16)
+    x = torch.randn(batch, 1, d_model, device="cuda", dtype=torch.bfloat16)
+    proj = layer.in_proj(x)[:, 0].contiguous()
+    gated = torch.empty(batch, layer.d_inner, device="cuda", dtype=torch.bfloat16)
+    row = {"name": name, "d_model": d_model, "batch": batch, "rank": rank, "state_dtype": str(cache.ssm.dtype),
+           "default_config": list(triton_mixer_step.launch_config(batch, layer.H, layer.N, layer.P))}
+    row["in_proj_us"] = graph_us(lambda: layer.in_proj(x))
+    row["out_proj_us"] = graph_us(lambda: layer.out_proj(gated))
+    row["layer_step_us"] = graph_us(lambda: layer(x, cache=cache))
+    kernel = {}
+    for bp, warps in itertools.product((8, 16, 32, 64), (1, 2, 4, 8)):
+        def step(bp=bp, warps=warps):
+            return triton_mixer_step.mamba3_mixer_step_(
+                proj, cache.state(), d_inner=layer.d_inner, heads=layer.H, groups=layer.G, d_state=layer.N,
+                headdim=layer.P, n_angles=layer.S, dt_bias=layer.dt_bias, D=layer.D,
+                B_norm_weight=layer.B_norm_weight, C_norm_weight=layer.C_norm_weight, B_bias=layer.B_bias,
+                C_bias=layer.C_bias, rope_freq=None, eps=layer.cfg.norm_eps, A_floor=layer.cfg.A_floor,
+                a_activation=layer.cfg.a_activation, trapezoid=layer.cfg.trapezoid, rotation=layer.cfg.rotation,
+                rank=layer.R, mimo_x=getattr(layer, "mimo_x", None), mimo_z=getattr(layer, "mimo_z", None),
+                mimo_o=getattr(layer, "mimo_o", None), pairing=layer.pairing, out=gated, block_rows=bp,
+                num_warps=warps)
+        try:
+            kernel[f"bp{bp}_w{warps}"] = graph_us(step)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile (registers) is skipped
+            kernel[f"bp{bp}_w{warps}"] = f"{type(exc).__name__}"
+    row["kernel_us"] = kernel
+    timed = {k: v for k, v in kernel.items() if isinstance(v, float)}
+    row["best"] = min(timed, key=timed.get)
+    row["best_kernel_us"] = timed[row["best"]]
+    state_bytes = cache.ssm.numel() * cache.ssm.element_size()
+    row["state_GBps_at_best"] = 2 * state_bytes / (row["best_kernel_us"] * 1e3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="mixer_step_sweep.json")
+    args = ap.parse_args()
+    rows = []
+    for c in CASES:
+        row = case(*c)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "kernel_us"}), flush=True)
+        print("  ", " ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row["kernel_us"].items()),
+              flush=True)
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
