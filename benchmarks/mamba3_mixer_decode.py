@@ -4,8 +4,10 @@
 
 Issue 4's two mixer-level figures: d_model 1024 at batch 1 (target: under 15 us inside a captured graph)
 and the Mamba-3 paper's Table 6 configuration, d_model 2048, 64 heads, N = 128 at batch 128 in bf16
-(published: 0.156 ms). Each row times one layer's step three ways: eager, replaying a captured CUDA graph
-of the eager step, and replaying a graph of the torch.compile'd step. Medians of 200 replays (CUDA events).
+(published: 0.156 ms). Each row times one layer's step four ways: eager, replaying a captured CUDA graph
+of the eager step, replaying a graph of the torch.compile'd step, and the step's share of a graph of 20
+steps (``in_graph_ms``: a whole-model graph pays its launch once per token, not per layer). Medians of 200
+replays (CUDA events).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ CASES = [  # (name, d_model, batch, target_ms, MIMO rank, fused SISO mixer step,
 ]
 
 
+STEPS_PER_GRAPH = 20
+
+
 def median_ms(fn, reps: int = 200) -> float:
     for _ in range(10):
         fn()
@@ -45,7 +50,8 @@ def median_ms(fn, reps: int = 200) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def graphed(step):
+def graphed(step, steps: int = 1):
+    """Replay of a CUDA graph holding ``steps`` consecutive calls of ``step``."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -54,7 +60,8 @@ def graphed(step):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
+        for _ in range(steps):
+            step()
     return graph.replay
 
 
@@ -75,8 +82,12 @@ def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int
     compiled = torch.compile(layer)
     row["compiled_graph_ms"] = median_ms(graphed(lambda: compiled(x, cache=cache)))
     row["best_ms"] = min(row["graph_ms"], row["compiled_graph_ms"])
+    # Inside a whole-model graph the graph's own launch is paid once per token, not per layer: the step's
+    # share of a graph of STEPS_PER_GRAPH steps.
+    row["in_graph_ms"] = median_ms(graphed(lambda: layer(x, cache=cache), STEPS_PER_GRAPH)) / STEPS_PER_GRAPH
     if target_ms is not None:
-        row["meets_target"] = row["best_ms"] <= target_ms
+        row["meets_target_single_replay"] = row["best_ms"] <= target_ms
+        row["meets_target_in_graph"] = row["in_graph_ms"] <= target_ms
     return row
 
 
@@ -98,7 +109,7 @@ def main() -> None:
         for kind in ("", "_fused", "_fused_bf16_state"):
             siso, mimo = base + kind, f"{base}_mimo4{kind}"
             if siso in by and mimo in by:
-                report[f"mimo4_over_siso_{siso}"] = by[mimo]["best_ms"] / by[siso]["best_ms"]
+                report[f"mimo4_over_siso_{siso}"] = by[mimo]["in_graph_ms"] / by[siso]["in_graph_ms"]
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
 

@@ -63,9 +63,17 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
     proj = layer.in_proj(x)[:, 0].contiguous()
     gated = torch.empty(batch, layer.d_inner, device="cuda", dtype=torch.bfloat16)
     row = {"name": name, "d_model": d_model, "batch": batch, "rank": rank, "state_dtype": str(cache.ssm.dtype),
-           "default_config": list(triton_mixer_step.launch_config(batch, layer.H, layer.N, layer.P))}
+           "default_config": list(triton_mixer_step.launch_config(batch, layer.H, layer.N, layer.P, rank,
+                                                                  cache.ssm.element_size()))}
     row["in_proj_us"] = graph_us(lambda: layer.in_proj(x))
     row["out_proj_us"] = graph_us(lambda: layer.out_proj(gated))
+    if batch == 1:  # other GEMV routes for the batch-1 projections (cuBLAS picks per layout)
+        w_in, w_out = layer.in_proj.weight, layer.out_proj.weight
+        w_in_t, w_out_t = w_in.t().contiguous(), w_out.t().contiguous()
+        row["in_proj_mv_us"] = graph_us(lambda: torch.mv(w_in, x[0, 0]))
+        row["in_proj_transposed_us"] = graph_us(lambda: x[0] @ w_in_t)
+        row["out_proj_mv_us"] = graph_us(lambda: torch.mv(w_out, gated[0]))
+        row["out_proj_transposed_us"] = graph_us(lambda: gated @ w_out_t)
     row["layer_step_us"] = graph_us(lambda: layer(x, cache=cache))
     kernel = {}
     for bp, warps in itertools.product((8, 16, 32, 64), (1, 2, 4, 8)):

@@ -44,25 +44,25 @@ def _softplus(x):
 
 
 @triton.jit
-def _rank_vector(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign, eps, R: tl.constexpr, N: tl.constexpr,
-                 BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr, dtype: tl.constexpr):
-    """Rank r's B or C for the head, (N,) float32: RMS-normalised with its gain and rounded to the activation type
-    as the eager layer does, plus the head's bias, channel pairs rotated by the head's angles (cos, sin)."""
-    base = ROW + off + (r * G + g) * N
-    v = tl.load(base + n).to(tl.float32)
+def _rank_vectors(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign, eps, R: tl.constexpr, N: tl.constexpr,
+                  BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr, dtype: tl.constexpr):
+    """The head's B or C for every rank, (R, N) float32: RMS-normalised with its gain and rounded to the activation
+    type as the eager layer does, plus the head's bias, channel pairs rotated by the head's angles (cos, sin)."""
+    base = ROW + off + (r[:, None] * G + g) * N
+    v = tl.load(base + n[None, :]).to(tl.float32)
     if HAS_ROT:
-        w = tl.load(base + partner).to(tl.float32)
+        w = tl.load(base + partner[None, :]).to(tl.float32)
     if BC_NORM:
-        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=0) / N + eps)
-        v = (v * inv * tl.load(NORM_W + n).to(tl.float32)).to(dtype).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / N + eps)  # (R,)
+        v = (v * inv[:, None] * tl.load(NORM_W + n)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
         if HAS_ROT:
-            w = (w * inv * tl.load(NORM_W + partner).to(tl.float32)).to(dtype).to(tl.float32)
+            w = (w * inv[:, None] * tl.load(NORM_W + partner)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(BIAS + (h * R + r) * N + n).to(tl.float32)
+        v += tl.load(BIAS + (h * R + r[:, None]) * N + n[None, :]).to(tl.float32)
         if HAS_ROT:
-            w += tl.load(BIAS + (h * R + r) * N + partner).to(tl.float32)
+            w += tl.load(BIAS + (h * R + r[:, None]) * N + partner[None, :]).to(tl.float32)
     if HAS_ROT:
-        v = v * cos + sign * w * sin
+        v = v * cos[None, :] + sign[None, :] * w * sin[None, :]
     return v
 
 
@@ -80,6 +80,7 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     row = PROJ + b * s_proj
     dtype = OUT.dtype.element_ty
     n = tl.arange(0, N)
+    r = tl.arange(0, R)
     if HALF:
         lower = n < N // 2
         pair = tl.where(lower, n, n - N // 2)
@@ -117,52 +118,44 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
         tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first)
         cos, sin = tl.cos(theta), tl.sin(theta)
+    q = _rank_vectors(row, off_c, r, g, G, n, partner, C_NORM_W, C_BIAS, h, cos, sin, sign, eps, R, N, BC_NORM, HAS_BIAS,
+                      ROTATION != 0, dtype)  # (R, N)
+    k = _rank_vectors(row, off_b, r, g, G, n, partner, B_NORM_W, B_BIAS, h, cos, sin, sign, eps, R, N, BC_NORM, HAS_BIAS,
+                      ROTATION != 0, dtype)
+    kc = KC + ((b * R + r[:, None]) * H + h) * N + n[None, :]  # (R, N) cached keys of the last token
+    k_prev = tl.load(kc).to(tl.float32)
 
     alpha = tl.exp(a)
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
     d_skip = tl.load(D + h).to(tl.float32)
-    kc = KC + (b * R * H + h) * N + n  # rank r's cached key at kc + r * H * N
     for p0 in range(0, P, BP):
         p = p0 + tl.arange(0, BP)
         x = tl.load(row + d_inner + h * P + p).to(tl.float32)
         z = tl.load(row + h * P + p).to(tl.float32)
         x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
+        if MIMO:
+            scale = tl.load(MIMO_X + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)  # (R, BP)
+        else:
+            scale = tl.full((R, BP), 1.0, tl.float32)
         ptr = SSM + ((b * H + h) * P + p[:, None]) * N + n[None, :]
-        st = alpha * tl.load(ptr).to(tl.float32)
-        for r in tl.static_range(R):  # rank-summed outer products of the previous and the current token
-            k = _rank_vector(row, off_b, r, g, G, n, partner, B_NORM_W, B_BIAS, h, cos, sin, sign, eps, R, N,
-                             BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
-            k_prev = tl.load(kc + r * H * N).to(tl.float32)
-            if MIMO:
-                scale = tl.load(MIMO_X + (h * R + r) * P + p).to(tl.float32)
-            else:
-                scale = 1.0
-            st += (beta * scale * x_prev)[:, None] * k_prev[None, :] + (gamma * scale * x)[:, None] * k[None, :]
+        # rank-summed outer products of the previous and the current token: (R, BP, N) summed over R
+        upd = (beta * scale * x_prev[None, :])[:, :, None] * k_prev[:, None, :] \
+            + (gamma * scale * x[None, :])[:, :, None] * k[:, None, :]
+        st = alpha * tl.load(ptr).to(tl.float32) + tl.sum(upd, axis=0)
         tl.store(ptr, st.to(SSM.dtype.element_ty))
-        out = tl.zeros((BP,), tl.float32)
-        for r in tl.static_range(R):  # readout per rank, SiLU gate, MIMO contraction (rounded as the eager layer)
-            q = _rank_vector(row, off_c, r, g, G, n, partner, C_NORM_W, C_BIAS, h, cos, sin, sign, eps, R, N,
-                             BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
-            if MIMO:
-                scale = tl.load(MIMO_X + (h * R + r) * P + p).to(tl.float32)
-                zr = (z * tl.load(MIMO_Z + (h * R + r) * P + p).to(tl.float32)).to(dtype).to(tl.float32)
-            else:
-                scale = 1.0
-                zr = z
-            y = (tl.sum(st * q[None, :], axis=1) + d_skip * scale * x).to(dtype).to(tl.float32)
-            gate = (zr * tl.sigmoid(zr)).to(dtype).to(tl.float32)
-            if MIMO:
-                o = (y * gate).to(dtype).to(tl.float32)
-                out += (o * tl.load(MIMO_O + (h * R + r) * P + p).to(tl.float32)).to(dtype).to(tl.float32)
-            else:
-                out += y * gate
+        y = (tl.sum(st[None, :, :] * q[:, None, :], axis=2) + d_skip * scale * x[None, :]).to(dtype).to(tl.float32)
+        if MIMO:  # gate per rank, then the contraction over ranks (rounded as the eager layer)
+            zr = (z[None, :] * tl.load(MIMO_Z + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)).to(dtype)
+            zr = zr.to(tl.float32)
+            o = (y * (zr * tl.sigmoid(zr)).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            o = (o * tl.load(MIMO_O + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)).to(dtype).to(tl.float32)
+            out = tl.sum(o, axis=0)
+        else:
+            out = tl.sum(y, axis=0) * (z * tl.sigmoid(z)).to(dtype).to(tl.float32)
         tl.store(OUT + b * s_out + h * P + p, out.to(dtype))
         tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
-    for r in tl.static_range(R):  # after every row block has read the previous keys
-        k = _rank_vector(row, off_b, r, g, G, n, partner, B_NORM_W, B_BIAS, h, cos, sin, sign, eps, R, N,
-                         BC_NORM, HAS_BIAS, ROTATION != 0, dtype)
-        tl.store(kc + r * H * N, k.to(KC.dtype.element_ty))
+    tl.store(kc, k.to(KC.dtype.element_ty))
 
 
 def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
@@ -176,9 +169,14 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
     return None
 
 
-def launch_config(batch: int, heads: int, d_state: int, headdim: int) -> tuple[int, int]:
-    """(state rows per block, warps) of the step kernel."""
-    return min(headdim, 16), 4
+def launch_config(batch: int, heads: int, d_state: int, headdim: int, rank: int, state_bytes: int) -> tuple[int, int]:
+    """(state rows per block, warps) of the step kernel, from ``scripts/sweep_mixer_step.py`` on an H100
+    (``docs/reports/mixer_step_sweep_h100_*.json``)."""
+    if batch * heads < 512:  # a few programs per SM: latency-bound, so fewer, larger trips to memory
+        return min(headdim, 64), 4
+    # bandwidth-bound: many small programs; the (R, BP, N) update tile bounds the block at higher rank
+    rows = 32 if state_bytes == 2 else 16
+    return max(1, min(headdim, rows, 8192 // (rank * d_state))), 2
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
@@ -213,7 +211,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     off_a = off_dt + H
     off_lam = off_a + H
     off_th = off_lam + (H if trapezoid == "learned" else 0)
-    bp, warps = launch_config(Bsz, H, N, P)
+    bp, warps = launch_config(Bsz, H, N, P, R, state.ssm.element_size())
     dummy = dt_bias
 
     def arg(t):
