@@ -64,6 +64,16 @@ def test_fused_step_matches_eager_layer(variant, monkeypatch):
         torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), **tol, msg=name)
 
 
+@pytest.mark.parametrize("variant", ["default", "mimo2"])
+def test_fused_step_in_row_blocks(variant, monkeypatch):
+    """Several (BP, N) blocks of the state per program (the next block's load in flight) equal one block."""
+    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda *args: (4, 1))
+    outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
+    assert calls == 5
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(caches[1].ssm, caches[0].ssm, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gpu_fused_step_bf16_matches_unfused_step(variant, monkeypatch):

@@ -81,6 +81,10 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     dtype = OUT.dtype.element_ty
     n = tl.arange(0, N)
     r = tl.arange(0, R)
+    # The first state block is loaded before the prologue (dependent loads and reductions) so the two overlap.
+    rows = tl.arange(0, BP)
+    ssm = SSM + (b * H + h) * P * N
+    st_next = tl.load(ssm + rows[:, None] * N + n[None, :])
     if HALF:
         lower = n < N // 2
         pair = tl.where(lower, n, n - N // 2)
@@ -124,35 +128,40 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
                       ROTATION != 0, dtype)
     kc = KC + ((b * R + r[:, None]) * H + h) * N + n[None, :]  # (R, N) cached keys of the last token
     k_prev = tl.load(kc).to(tl.float32)
+    if not MIMO:  # SISO: plain (N,) vectors and (BP, N) tiles
+        q1, k1, k_prev1 = tl.sum(q, axis=0), tl.sum(k, axis=0), tl.sum(k_prev, axis=0)
 
     alpha = tl.exp(a)
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
     d_skip = tl.load(D + h).to(tl.float32)
     for p0 in range(0, P, BP):
-        p = p0 + tl.arange(0, BP)
+        p = p0 + rows
+        st_old = st_next.to(tl.float32)
+        if BP < P:  # the next block's load is in flight during this block's math (none after the last)
+            nxt = p + BP
+            st_next = tl.load(ssm + nxt[:, None] * N + n[None, :], mask=(nxt < P)[:, None], other=0.0)
         x = tl.load(row + d_inner + h * P + p).to(tl.float32)
         z = tl.load(row + h * P + p).to(tl.float32)
         x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
         if MIMO:
             scale = tl.load(MIMO_X + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)  # (R, BP)
-        else:
-            scale = tl.full((R, BP), 1.0, tl.float32)
-        ptr = SSM + ((b * H + h) * P + p[:, None]) * N + n[None, :]
-        # rank-summed outer products of the previous and the current token: (R, BP, N) summed over R
-        upd = (beta * scale * x_prev[None, :])[:, :, None] * k_prev[:, None, :] \
-            + (gamma * scale * x[None, :])[:, :, None] * k[:, None, :]
-        st = alpha * tl.load(ptr).to(tl.float32) + tl.sum(upd, axis=0)
-        tl.store(ptr, st.to(SSM.dtype.element_ty))
-        y = (tl.sum(st[None, :, :] * q[:, None, :], axis=2) + d_skip * scale * x[None, :]).to(dtype).to(tl.float32)
-        if MIMO:  # gate per rank, then the contraction over ranks (rounded as the eager layer)
+            # rank-summed outer products of the previous and the current token: (R, BP, N) summed over R
+            upd = (beta * scale * x_prev[None, :])[:, :, None] * k_prev[:, None, :] \
+                + (gamma * scale * x[None, :])[:, :, None] * k[:, None, :]
+            st = alpha * st_old + tl.sum(upd, axis=0)
+            y = (tl.sum(st[None, :, :] * q[:, None, :], axis=2) + d_skip * scale * x[None, :]).to(dtype).to(tl.float32)
+            # gate per rank, then the contraction over ranks (rounded as the eager layer)
             zr = (z[None, :] * tl.load(MIMO_Z + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)).to(dtype)
             zr = zr.to(tl.float32)
             o = (y * (zr * tl.sigmoid(zr)).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             o = (o * tl.load(MIMO_O + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)).to(dtype).to(tl.float32)
             out = tl.sum(o, axis=0)
         else:
-            out = tl.sum(y, axis=0) * (z * tl.sigmoid(z)).to(dtype).to(tl.float32)
+            st = alpha * st_old + (beta * x_prev)[:, None] * k_prev1[None, :] + (gamma * x)[:, None] * k1[None, :]
+            y = (tl.sum(st * q1[None, :], axis=1) + d_skip * x).to(dtype).to(tl.float32)
+            out = y * (z * tl.sigmoid(z)).to(dtype).to(tl.float32)
+        tl.store(ssm + p[:, None] * N + n[None, :], st.to(SSM.dtype.element_ty))
         tl.store(OUT + b * s_out + h * P + p, out.to(dtype))
         tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
     tl.store(kc, k.to(KC.dtype.element_ty))
@@ -172,11 +181,9 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
 def launch_config(batch: int, heads: int, d_state: int, headdim: int, rank: int, state_bytes: int) -> tuple[int, int]:
     """(state rows per block, warps) of the step kernel, from ``scripts/sweep_mixer_step.py`` on an H100
     (``docs/reports/mixer_step_sweep_h100_*.json``)."""
-    if batch * heads < 512:  # a few programs per SM: latency-bound, so fewer, larger trips to memory
-        return min(headdim, 64), 4
-    # bandwidth-bound: many small programs; the (R, BP, N) update tile bounds the block at higher rank
-    rows = 32 if state_bytes == 2 else 16
-    return max(1, min(headdim, rows, 8192 // (rank * d_state))), 2
+    if batch * heads < 512:  # a few programs per SM: latency-bound, so one trip to memory, more warps for MIMO
+        return min(headdim, 64), 4 if rank == 1 else 8
+    return min(headdim, 8), 1  # bandwidth-bound: many small programs
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
