@@ -181,8 +181,8 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
 def launch_config(batch: int, heads: int, d_state: int, headdim: int, rank: int, state_bytes: int) -> tuple[int, int]:
     """(state rows per block, warps) of the step kernel, from ``scripts/sweep_mixer_step.py`` on an H100
     (``docs/reports/mixer_step_sweep_h100_*.json``)."""
-    if batch * heads < 512:  # a few programs per SM: latency-bound, so one trip to memory, more warps for MIMO
-        return min(headdim, 64), 4 if rank == 1 else 8
+    if batch * heads < 512:  # a few programs per SM: latency-bound, so few trips to memory, more warps for MIMO
+        return (min(headdim, 32), 4) if rank == 1 else (min(headdim, 64), 8)
     return min(headdim, 8), 1  # bandwidth-bound: many small programs
 
 
