@@ -69,6 +69,7 @@ class Attention(Mixer):
     """Causal multi-head attention with GQA, RoPE and an optional sliding window."""
 
     graph_decode = True  # via the cache's static mode (device-side position)
+    float32_buffers = ("inv_freq",)
 
     def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)

@@ -27,6 +27,10 @@ class Mixer(nn.Module):
     # True when a one-token decode step depends on no Python-side value (every position and state lives in
     # device tensors updated in place), so the whole model step can be captured in a CUDA graph.
     graph_decode: bool = False
+    # Buffers that stay float32 when the module is cast to 16 bits (``.to(torch.bfloat16)``, ``.half()``): rotation
+    # frequencies rounded to bf16 would turn angles at position 1e5 by up to ~180 rad, and a model trained
+    # under autocast (float32 buffers) would decode with other angles than it was trained with.
+    float32_buffers: tuple[str, ...] = ()
 
     def __init__(self, d_model: int, cfg: Any, layer_idx: int = 0):
         super().__init__()
@@ -40,6 +44,15 @@ class Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Any = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError  # abstract: every registered mixer overrides it
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: getattr(self, name, None) for name in self.float32_buffers}
+        out = super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = getattr(self, name, None)
+            if old is not None and new is not None and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+                setattr(self, name, old.to(device=new.device))  # a cast to 16 bits: move, do not round
+        return out
 
     def allocate_cache(self, batch_size: int, max_seqlen: int, device: torch.device | None = None,
                        dtype: torch.dtype | None = None) -> Any:

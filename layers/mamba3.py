@@ -207,6 +207,7 @@ class Mamba3(Mixer):
     """Mamba-3 SSM (SISO / MIMO) with data-dependent rotation and trapezoidal discretisation."""
 
     graph_decode = True  # the step updates its cache tensors in place
+    float32_buffers = ("rope_freq",)
 
     def __init__(self, d_model: int, cfg: Mamba3Config, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)

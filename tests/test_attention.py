@@ -96,3 +96,20 @@ def test_flash_matches_sdpa_on_gpu():
     for window in (None, 17):
         ref = attention_sdpa(q.float(), k.float(), v.float(), allowed_mask(pos, pos, window)).bfloat16()
         torch.testing.assert_close(attention_flash(q, k, v, window), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_rotation_frequencies_stay_float32_when_the_model_is_cast():
+    """A bf16 cast of the model must not round RoPE's frequencies (angles at 1e5 tokens would turn by ~100 rad),
+    for attention and for Mamba-3's fixed-rate rotation; device moves still apply."""
+    from hybrid.layers.mamba3 import Mamba3, Mamba3Config
+
+    for layer, name in ((Attention(64, AttentionConfig(num_heads=4)), "inv_freq"),
+                        (Mamba3(64, Mamba3Config(d_state=32, headdim=16, rotation="data_independent")), "rope_freq")):
+        want = getattr(layer, name).clone()
+        layer = layer.to(torch.bfloat16)
+        assert next(layer.parameters()).dtype == torch.bfloat16
+        assert getattr(layer, name).dtype == torch.float32 and torch.equal(getattr(layer, name), want), name
+        layer.half().float()
+        assert torch.equal(getattr(layer, name), want), name
+        y = layer.to(torch.bfloat16)(torch.randn(2, 5, 64, dtype=torch.bfloat16))
+        assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
