@@ -13,10 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import torch
 from hybrid.kernels.mamba3 import triton_mixer_step
 from hybrid.layers.mamba3 import Mamba3, Mamba3Config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from mamba3_mixer_decode import graphed, median_ms  # noqa: E402  (the benchmark's graph timing)
 
 CASES = [  # (name, d_model, batch, MIMO rank, cache state dtype)
     ("d1024_b1", 1024, 1, 1, "float32"),
@@ -29,29 +34,9 @@ CASES = [  # (name, d_model, batch, MIMO rank, cache state dtype)
 REPEAT = 20
 
 
-def graph_us(fn, reps: int = 50) -> float:
+def graph_us(fn) -> float:
     """Median microseconds per call of ``fn``, replayed REPEAT times per CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEAT):
-            fn()
-    for _ in range(5):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / REPEAT)
-    return sorted(times)[len(times) // 2]
+    return median_ms(graphed(fn, REPEAT), reps=50) * 1000 / REPEAT
 
 
 @torch.no_grad()
