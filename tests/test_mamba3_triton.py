@@ -159,6 +159,23 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
+def forward_and_grads(fn, inp: dict, st, names: list[str], dtype: torch.dtype, angle_dt: bool, **kw):
+    """y, the final state, and the gradients of the inputs in ``names`` and of the initial state (ssm, k, v)
+    under fixed random cotangents on y and on the final ssm, k and v; inputs cast to ``dtype``, chunk 16."""
+    leaves = {k: (v.to(dtype).clone().requires_grad_(k in names) if v is not None else None) for k, v in inp.items()}
+    state = None
+    if st is not None:
+        state = Mamba3State(st.angle.to(dtype), *(s.to(dtype).clone().requires_grad_(True) for s in st[1:]))
+    y, out = fn(**leaves, angle_dt=angle_dt, initial_state=state, chunk_size=16, **kw)
+    gen = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+    for t in (out.ssm, out.k, out.v):
+        loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
+    wrt = [leaves[k] for k in names] + ([] if state is None else list(state[1:]))
+    grads = torch.autograd.grad(loss, wrt)
+    return y.detach(), Mamba3State(*(t.detach() for t in out)), grads
+
+
 @pytest.mark.parametrize("case", list(GRAD_CASES))
 def test_backward_kernels_match_reference_gradients(case):
     """Triton backward vs autograd through the float64 reference: every input and initial-state gradient."""
@@ -168,23 +185,8 @@ def test_backward_kernels_match_reference_gradients(case):
     angle_dt = kw.get("angle_dt", True)
     inp, st = make(**kw)
     names = [k for k, v in inp.items() if v is not None and not (k == "omega" and not angle_dt)]
-
-    def run(fn, dtype):
-        leaves = {k: (v.to(dtype).clone().requires_grad_(k in names) if v is not None else None) for k, v in inp.items()}
-        state = None
-        if st is not None:
-            state = Mamba3State(st.angle.to(dtype), *(s.to(dtype).clone().requires_grad_(True) for s in st[1:]))
-        y, out = fn(**leaves, angle_dt=angle_dt, initial_state=state, chunk_size=16)
-        gen = torch.Generator().manual_seed(1)
-        loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        loss = loss + (out.ssm * torch.randn(out.ssm.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        loss = loss + (out.k * torch.randn(out.k.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        loss = loss + (out.v * torch.randn(out.v.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        wrt = [leaves[k] for k in names] + ([] if state is None else list(state[1:]))
-        return torch.autograd.grad(loss, wrt)
-
-    got = run(mamba3_siso_chunk, torch.float32)
-    want = run(mamba3_siso_reference, torch.float64)
+    got = forward_and_grads(mamba3_siso_chunk, inp, st, names, torch.float32, angle_dt)[2]
+    want = forward_and_grads(mamba3_siso_reference, inp, st, names, torch.float64, angle_dt)[2]
     labels = names + ([] if st is None else ["ssm0", "k0", "v0"])
     errors = {name: _rel(a, b) for name, a, b in zip(labels, got, want)}
     assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from hybrid.kernels.mamba3 import Mamba3State  # noqa: E402
 from hybrid.kernels.mamba3.mimo import mamba3_mimo_chunk, mamba3_mimo_reference  # noqa: E402
 from test_mamba3_triton_mimo import _angle_error, _rel, make, run  # noqa: E402
+from test_mamba3_triton_seq import random_seq, seq_from  # noqa: E402
 
 # Document lengths per row (B = 2), read with chunk 8 (or 4). Each layout names what it covers.
 LAYOUTS = {
@@ -29,16 +30,6 @@ LAYOUTS = {
     # at a chunk's last position followed by one starting at the next chunk.
     "one-token-edges": ([1, 20], [7, 1, 13]),
 }
-
-
-def seq_from(lengths) -> torch.Tensor:
-    """(B, T) non-decreasing document ids (not starting at 0, with gaps) from per-row document lengths."""
-    return torch.stack([torch.cat([torch.full((n,), 7 + 3 * d) for d, n in enumerate(row)]) for row in lengths])
-
-
-def random_seq(B, T, seed, docs=6) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.sort(torch.randint(0, docs, (B, T), generator=g), dim=1).values
 
 
 CASES = {  # (make() options, chunk_size, layout): chunk_size * R rows per chunk

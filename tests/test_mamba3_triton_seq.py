@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from hybrid.kernels.mamba3 import Mamba3State  # noqa: E402
-from test_mamba3_triton import _check_state, _close, _rel, make  # noqa: E402
+from test_mamba3_triton import _check_state, _close, _rel, forward_and_grads, make  # noqa: E402
 
 # Document lengths per row (B = 2), chunk 16. Each layout names what it covers.
 LAYOUTS = {
@@ -56,23 +56,9 @@ def _run_both(kw: dict, seq: torch.Tensor):
     angle_dt = kw.get("angle_dt", True)
     inp, st = make(**kw)
     names = [k for k, v in inp.items() if v is not None and not (k == "omega" and not angle_dt)]
-
-    def run(fn, dtype):
-        leaves = {k: (v.to(dtype).clone().requires_grad_(k in names) if v is not None else None) for k, v in inp.items()}
-        state = None
-        if st is not None:
-            state = Mamba3State(st.angle.to(dtype), *(s.to(dtype).clone().requires_grad_(True) for s in st[1:]))
-        y, out = fn(**leaves, angle_dt=angle_dt, initial_state=state, chunk_size=16, seq_idx=seq)
-        gen = torch.Generator().manual_seed(1)
-        loss = (y * torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        for t in (out.ssm, out.k, out.v):
-            loss = loss + (t * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype)).sum()
-        wrt = [leaves[k] for k in names] + ([] if state is None else list(state[1:]))
-        grads = torch.autograd.grad(loss, wrt)
-        return y.detach(), Mamba3State(*(t.detach() for t in out)), grads
-
     labels = names + ([] if st is None else ["ssm0", "k0", "v0"])
-    return run(mamba3_siso_chunk, torch.float32), run(mamba3_siso_reference, torch.float64), labels
+    return (forward_and_grads(mamba3_siso_chunk, inp, st, names, torch.float32, angle_dt, seq_idx=seq),
+            forward_and_grads(mamba3_siso_reference, inp, st, names, torch.float64, angle_dt, seq_idx=seq), labels)
 
 
 @pytest.mark.parametrize("case", list(CASES))
