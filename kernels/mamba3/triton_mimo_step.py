@@ -21,12 +21,10 @@ from hybrid.kernels.mamba3.common import Mamba3State
 
 
 @triton.jit
-def _rank_vectors(PTR, s_r, BIAS, h, r, n, partner, cos, sin, sign, R: tl.constexpr, N: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr):
-    """(R, N) per-rank vectors plus the head's (R, N) bias, channel pairs rotated by the head's angles."""
-    t = tl.load(PTR + r[:, None] * s_r + n[None, :]).to(tl.float32)
-    if HAS_ROT:
-        w = tl.load(PTR + r[:, None] * s_r + partner[None, :]).to(tl.float32)
+def _bias_and_rotate(t, w, BIAS, h, r, n, partner, cos, sin, sign, R: tl.constexpr, N: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr):
+    """(R, N) per-rank vectors ``t`` (float32; ``w`` holds each channel's rotation partner, read only with HAS_ROT)
+    plus the head's (R, N) bias, channel pairs rotated by the head's angles."""
     if HAS_BIAS:
         t += tl.load(BIAS + (h * R + r[:, None]) * N + n[None, :]).to(tl.float32)
         if HAS_ROT:
@@ -34,6 +32,17 @@ def _rank_vectors(PTR, s_r, BIAS, h, r, n, partner, cos, sin, sign, R: tl.conste
     if HAS_ROT:
         t = t * cos[None, :] + sign[None, :] * w * sin[None, :]
     return t
+
+
+@triton.jit
+def _rank_vectors(PTR, s_r, BIAS, h, r, n, partner, cos, sin, sign, R: tl.constexpr, N: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr):
+    """(R, N) per-rank vectors plus the head's (R, N) bias, channel pairs rotated by the head's angles."""
+    t = tl.load(PTR + r[:, None] * s_r + n[None, :]).to(tl.float32)
+    w = t
+    if HAS_ROT:
+        w = tl.load(PTR + r[:, None] * s_r + partner[None, :]).to(tl.float32)
+    return _bias_and_rotate(t, w, BIAS, h, r, n, partner, cos, sin, sign, R, N, HAS_BIAS, HAS_ROT)
 
 
 @triton.jit

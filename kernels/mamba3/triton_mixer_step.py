@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.common import Mamba3State
+from hybrid.kernels.mamba3.triton_mimo_step import _bias_and_rotate
 
 TWO_PI = 2 * math.pi
 
@@ -50,6 +51,7 @@ def _rank_vectors(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign
     type as the eager layer does, plus the head's bias, channel pairs rotated by the head's angles (cos, sin)."""
     base = ROW + off + (r[:, None] * G + g) * N
     v = tl.load(base + n[None, :]).to(tl.float32)
+    w = v
     if HAS_ROT:
         w = tl.load(base + partner[None, :]).to(tl.float32)
     if BC_NORM:
@@ -57,13 +59,7 @@ def _rank_vectors(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign
         v = (v * inv[:, None] * tl.load(NORM_W + n)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
         if HAS_ROT:
             w = (w * inv[:, None] * tl.load(NORM_W + partner)[None, :].to(tl.float32)).to(dtype).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(BIAS + (h * R + r[:, None]) * N + n[None, :]).to(tl.float32)
-        if HAS_ROT:
-            w += tl.load(BIAS + (h * R + r[:, None]) * N + partner[None, :]).to(tl.float32)
-    if HAS_ROT:
-        v = v * cos[None, :] + sign[None, :] * w * sin[None, :]
-    return v
+    return _bias_and_rotate(v, w, BIAS, h, r, n, partner, cos, sin, sign, R, N, HAS_BIAS, HAS_ROT)
 
 
 @triton.jit
