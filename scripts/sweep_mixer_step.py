@@ -48,8 +48,7 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
     proj = layer.in_proj(x)[:, 0].contiguous()
     gated = torch.empty(batch, layer.d_inner, device="cuda", dtype=torch.bfloat16)
     row = {"name": name, "d_model": d_model, "batch": batch, "rank": rank, "state_dtype": str(cache.ssm.dtype),
-           "default_config": list(triton_mixer_step.launch_config(batch, layer.H, layer.N, layer.P, rank,
-                                                                  cache.ssm.element_size()))}
+           "default_config": list(triton_mixer_step.launch_config(batch * layer.H, layer.P, rank))}
     row["in_proj_us"] = graph_us(lambda: layer.in_proj(x))
     row["out_proj_us"] = graph_us(lambda: layer.out_proj(gated))
     if batch == 1:  # other GEMV routes for the batch-1 projections (cuBLAS picks per layout)

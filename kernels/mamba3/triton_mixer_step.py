@@ -174,10 +174,11 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
     return None
 
 
-def launch_config(batch: int, heads: int, d_state: int, headdim: int, rank: int, state_bytes: int) -> tuple[int, int]:
-    """(state rows per block, warps) of the step kernel, from ``scripts/sweep_mixer_step.py`` on an H100
-    (``docs/reports/mixer_step_sweep_h100_*.json``)."""
-    if batch * heads < 512:  # a few programs per SM: latency-bound, so few trips to memory, more warps for MIMO
+def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int]:
+    """(state rows per block, warps) of the step kernel for ``programs`` = batch x heads, from
+    ``scripts/sweep_mixer_step.py`` on an H100 (``docs/reports/mixer_step_sweep_h100_v3.json``: the same pick
+    for fp32 and bf16 states)."""
+    if programs < 512:  # a few programs per SM: latency-bound, so few trips to memory, more warps for MIMO
         return (min(headdim, 32), 4) if rank == 1 else (min(headdim, 64), 8)
     return min(headdim, 8), 1  # bandwidth-bound: many small programs
 
@@ -214,7 +215,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     off_a = off_dt + H
     off_lam = off_a + H
     off_th = off_lam + (H if trapezoid == "learned" else 0)
-    bp, warps = launch_config(Bsz, H, N, P, R, state.ssm.element_size())
+    bp, warps = launch_config(Bsz * H, P, R)
     dummy = dt_bias
 
     def arg(t):
