@@ -3,7 +3,7 @@
 
     python scripts/check_scan_determinism.py [--packed]
 
-For each of the three big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
+For each of the big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
 forward + backward four times on the same bf16 inputs (with ``--packed``: several documents per row, the
 ``seq_idx`` kernels). Before each run, freed memory is filled with NaN
 so that a read of stale memory shows up. Prints the count of non-finite values and whether all runs agree.
@@ -42,7 +42,8 @@ def main() -> None:
     inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
-    for name, module in (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dkdx", bw)):
+    kernels = (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dx", bw), ("_chunk_scan_bwd_dk", bw))
+    for name, module in kernels:
         tuned = getattr(module, name + "_tuned")
         for warps, stages in CONFIGS:
             setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))

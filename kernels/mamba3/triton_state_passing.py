@@ -1,0 +1,152 @@
+"""Inter-chunk state passing of the Mamba-3 SISO scan, K chunks per step: the two sequential scans of
+``triton_siso.py`` / ``triton_siso_bwd.py`` with several chunks' loads in flight.
+
+Forward, per (sequence, head) and channel, with a_c = e^{cs_last[c]} (0 where a document starts, cs_last = -inf):
+
+    G_{-1} = G0,   G_c = a_c G_{c-1} + local_c,   G_in[c] = G_{c-1},   G_final = G_{nc-1}
+
+Backward, the transposed recurrence run from the last chunk, with dG_{nc-1} = dG_final:
+
+    dlocal[c] = dG_c,   d cs_last[c] = a_c sum(dG_c * G_in[c]),   dG_{c-1} = a_c dG_c + dG_in[c],   dG0 = dG_{-1}
+
+Both are x -> a x + b maps applied in sequence. Composition is associative,
+(a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2), so a (K, BLOCK) tile of K consecutive chunks, loaded at once, is
+combined by ``tl.associative_scan`` along the chunk axis; row k then holds the maps of the tile's first k + 1
+chunks composed, (A_k, B_k), and the state after them is A_k g + B_k with g the state carried into the tile.
+Rows past either end of the sequence load a = 1, b = 0 (the identity), so the last row is the carry out.
+
+The scan is inclusive (row k: the state after chunk c_k) while G_in and dlocal want the state *entering* a chunk:
+that is the inclusive result of the chunk before it, so each row is stored one chunk further along
+(G_in[c + 1] = G_c, dlocal[c - 1] = dG_{c - 1}), and the chunk at the sequence start (G_in[0] = G0, dlocal[nc-1] =
+dG_final) is written before the loop. Nothing is divided by a decay (a_c may be 0). Sums run in float32 whatever
+the storage type of the chunk states, as in the one-chunk-a-step kernels; results agree with them up to float32
+rounding (the products are grouped differently).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Chunks per step. At 1 x 64k tokens (32 heads, 64 x 128 states) one chunk is 0.5 MB across the whole GPU, less than
+# the ~2 MB an H100 needs in flight to cover a DRAM latency: 8 chunks keep it busy; larger tiles cost registers.
+K_CHUNKS = 8
+# Launch at least this many programs where the state allows (several per SM of a 132-SM H100): with few sequences
+# and heads, narrower channel blocks spread the scan over more SMs (more load units and L1s working on it).
+MIN_PROGRAMS = 1024
+
+
+@triton.jit
+def _then(a1, b1, a2, b2):
+    """x -> a1 x + b1, then x -> a2 x + b2."""
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _scan_tile(CS_LAST, X, idx, row_ok, offs, m, PN, BLOCK: tl.constexpr):
+    """Rows idx (K,) of CS_LAST and X as the inclusive composition (A, B) of their maps, (K, BLOCK) each."""
+    a = tl.exp(tl.load(CS_LAST + idx, mask=row_ok, other=0.0))  # out-of-range rows: e^0 = 1
+    b = tl.load(X + idx[:, None] * PN + offs[None, :], mask=row_ok[:, None] & m[None, :], other=0.0).to(tl.float32)
+    return tl.associative_scan((tl.broadcast_to(a[:, None], b.shape), b), 0, _then)
+
+
+@triton.jit
+def _last_row(t, rows, K: tl.constexpr):
+    """Row K - 1 of a (K, BLOCK) tile (a select: exact)."""
+    return tl.sum(tl.where(rows[:, None] == K - 1, t, 0.0), axis=0)
+
+
+@triton.jit
+def _state_passing_fwd_k(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, K: tl.constexpr, BLOCK: tl.constexpr):
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    rows = tl.arange(0, K)
+    g = tl.load(G0 + bh * PN + offs, mask=m, other=0.0)  # (BLOCK,) fp32 carry: G before the tile
+    tl.store(G_IN + (b * nc * H + h) * PN + offs, g.to(G_IN.dtype.element_ty), mask=m)  # G_in[0] = G0
+    for c0 in range(0, nc, K):
+        c = c0 + rows  # (K,) ascending chunks
+        idx = (b * nc + c) * H + h
+        A, B = _scan_tile(CS_LAST, LOCAL, idx, c < nc, offs, m, PN, BLOCK)
+        gc = A * g[None, :] + B  # (K, BLOCK): G_c
+        tl.store(G_IN + (idx + H)[:, None] * PN + offs[None, :], gc.to(G_IN.dtype.element_ty),
+                 mask=(c + 1 < nc)[:, None] & m[None, :])  # G_in[c + 1] = G_c
+        g = _last_row(gc, rows, K)
+    tl.store(G_FINAL + bh * PN + offs, g, mask=m)
+
+
+@triton.jit
+def _state_passing_bwd_k(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H, nc, PN, nblk,
+                         K: tl.constexpr, BLOCK: tl.constexpr):
+    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    m = offs < PN
+    rows = tl.arange(0, K)
+    ds = tl.load(DG_FINAL + bh * PN + offs, mask=m, other=0.0)  # (BLOCK,) fp32 carry: dG of the chunk above the tile
+    last = (b * nc + nc - 1) * H + h
+    tl.store(DLOCAL + last * PN + offs, ds.to(DLOCAL.dtype.element_ty), mask=m)  # dlocal[nc - 1] = dG_final
+    g = tl.load(G_IN + last * PN + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(DCSL_PART + last * nblk + blk, tl.sum(ds * g, axis=0) * tl.exp(tl.load(CS_LAST + last)))
+    for i0 in range(0, nc, K):
+        c = nc - 1 - i0 - rows  # (K,) descending chunks: the reverse scan is a forward scan of the tile
+        idx = (b * nc + c) * H + h
+        prev = c >= 1  # row k yields dG_{c-1}: it goes to chunk c - 1, with that chunk's G_in and decay
+        tile = prev[:, None] & m[None, :]
+        # Issued before the scan, with the scan's own loads, so that all of them are in flight together.
+        gp = tl.load(G_IN + (idx - H)[:, None] * PN + offs[None, :], mask=tile, other=0.0).to(tl.float32)
+        ap = tl.exp(tl.load(CS_LAST + idx - H, mask=prev, other=0.0))
+        A, B = _scan_tile(CS_LAST, DG_IN, idx, c >= 0, offs, m, PN, BLOCK)
+        dsc = A * ds[None, :] + B  # (K, BLOCK): dG_{c-1}
+        tl.store(DLOCAL + (idx - H)[:, None] * PN + offs[None, :], dsc.to(DLOCAL.dtype.element_ty), mask=tile)
+        tl.store(DCSL_PART + (idx - H) * nblk + blk, tl.sum(dsc * gp, axis=1) * ap, mask=prev)
+        ds = _last_row(dsc, rows, K)
+    tl.store(DG0 + bh * PN + offs, ds, mask=m)
+
+
+def launch_config(bh: int, pn: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for bh = B*H scans of pn channels: 1024-channel blocks unless that leaves fewer than
+    MIN_PROGRAMS programs, then down to 256; about 4 channels of each row per thread."""
+    if block is None:
+        block = min(1024, triton.next_power_of_2(pn))
+        while block > 256 and bh * triton.cdiv(pn, block) < MIN_PROGRAMS:
+            block //= 2
+    return block, max(1, min(8, block // 128))
+
+
+def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tensor,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entering states of every chunk and the final state.
+
+    local (B, nc, H, *state) chunk states from zero, in their storage type; cs_last (B, nc, H) fp32 log-decay
+    of each chunk (-inf: a document starts there); g0 (B, H, *state) fp32. Returns g_in like local (the state
+    entering each chunk) and g_final (B, H, *state) fp32. ``block`` overrides the channel block (tests).
+    """
+    Bsz, nc, H = local.shape[:3]
+    local, cs_last, g0 = local.contiguous(), cs_last.contiguous(), g0.contiguous()
+    PN = local[0, 0, 0].numel()
+    g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
+    BLOCK, warps = launch_config(Bsz * H, PN, block)
+    _state_passing_fwd_k[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN,
+                                                            K=K_CHUNKS, BLOCK=BLOCK, num_warps=warps)
+    return g_in, g_final
+
+
+def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Tensor, dg_final: torch.Tensor,
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``state_passing_fwd`` (with dg_in the gradient of its g_in, g_in its output).
+
+    Returns dlocal like dg_in, dcsl (B, nc, H) fp32 (d cs_last) and dg0 like dg_final (B, H, *state) fp32.
+    """
+    Bsz, nc, H = dg_in.shape[:3]
+    dg_in, g_in, cs_last, dg_final = dg_in.contiguous(), g_in.contiguous(), cs_last.contiguous(), dg_final.contiguous()
+    PN = dg_in[0, 0, 0].numel()
+    BLOCK, warps = launch_config(Bsz * H, PN, block)
+    nblk = triton.cdiv(PN, BLOCK)
+    dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
+    dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dg_in.device, dtype=torch.float32)  # per channel block
+    _state_passing_bwd_k[(Bsz * H, nblk)](dg_in, g_in, cs_last, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk,
+                                          K=K_CHUNKS, BLOCK=BLOCK, num_warps=warps)
+    return dlocal, dcsl_part.sum(-1), dg0

@@ -1,0 +1,110 @@
+"""K-chunks-a-step state passing (``triton_state_passing.py``) against a float64 PyTorch loop and against the
+one-chunk-a-step kernels of ``triton_siso.py`` / ``triton_siso_bwd.py`` on the same inputs.
+
+On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest), in float32 storage only (the interpreter's
+16-bit casts are unreliable); shapes are tiny but ragged: nc = 1, nc not a multiple of K, channel counts not a
+multiple of the block, several blocks, and documents starting in some chunks (cs_last = -inf).
+"""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from hybrid.kernels.mamba3.triton_siso import _state_passing_fwd  # noqa: E402
+from hybrid.kernels.mamba3.triton_siso_bwd import _state_passing_bwd  # noqa: E402
+from hybrid.kernels.mamba3.triton_state_passing import K_CHUNKS, launch_config, state_passing_bwd, state_passing_fwd  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, nc, H, PN, block): block None lets the wrapper choose (one block here, PN padded up to a power of two).
+SHAPES = [
+    (1, 1, 1, 48, None),  # a single chunk, a ragged block
+    (2, 5, 3, 96, 64),  # nc < K, two blocks, the second half masked
+    (1, 2 * K_CHUNKS + 3, 2, 64, 32),  # nc not a multiple of K: a masked last tile
+    (1, 2 * K_CHUNKS, 1, 40, None),  # nc a multiple of K
+]
+
+
+def make(B, nc, H, PN, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    cs = -0.5 * torch.rand(B, nc, H, generator=g)
+    cs[torch.rand(B, nc, H, generator=g) < 0.25] = float("-inf")  # documents start in about a quarter of the chunks
+    local, dg_in, g_in = (torch.randn(B, nc, H, PN, generator=g) for _ in range(3))
+    g0, dg_final = torch.randn(B, H, PN, generator=g), torch.randn(B, H, PN, generator=g)
+    return (cs.to(DEV), local.to(DEV, dtype), g0.to(DEV), dg_in.to(DEV, dtype), g_in.to(DEV, dtype), dg_final.to(DEV))
+
+
+def ref_fwd(local, cs, g0):
+    a, g = cs.double().exp(), g0.double()
+    g_in = []
+    for c in range(local.shape[1]):
+        g_in.append(g)
+        g = a[:, c, :, None] * g + local[:, c].double()
+    return torch.stack(g_in, 1), g
+
+
+def ref_bwd(dg_in, g_in, cs, dg_final):
+    a, ds = cs.double().exp(), dg_final.double()
+    dlocal, dcsl = torch.empty_like(dg_in, dtype=torch.float64), torch.empty_like(cs, dtype=torch.float64)
+    for c in reversed(range(dg_in.shape[1])):
+        dlocal[:, c] = ds
+        dcsl[:, c] = (ds * g_in[:, c].double()).sum(-1) * a[:, c]
+        ds = a[:, c, :, None] * ds + dg_in[:, c].double()
+    return dlocal, dcsl, ds
+
+
+def old_fwd(local, cs, g0, block):
+    B, nc, H, PN = local.shape
+    g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
+    _state_passing_fwd[(B * H, triton.cdiv(PN, block))](local, cs, g0, g_in, g_final, H, nc, PN, BLOCK=block)
+    return g_in, g_final
+
+
+def old_bwd(dg_in, g_in, cs, dg_final, block):
+    B, nc, H, PN = dg_in.shape
+    nblk = triton.cdiv(PN, block)
+    dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
+    dcsl_part = torch.empty(B, nc, H, nblk, device=dg_in.device, dtype=torch.float32)
+    _state_passing_bwd[(B * H, nblk)](dg_in, g_in, cs, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk, BLOCK=block)
+    return dlocal, dcsl_part.sum(-1), dg0
+
+
+@pytest.mark.parametrize("B,nc,H,PN,block", SHAPES)
+def test_state_passing_matches_reference_and_old_kernels(B, nc, H, PN, block):
+    cs, local, g0, dg_in, g_in, dg_final = make(B, nc, H, PN, seed=nc * 7 + PN)
+    assert torch.isinf(cs).any() and torch.isfinite(cs).any() or nc == 1
+    tol = dict(rtol=1e-5, atol=1e-5)
+    old_block = block or launch_config(B * H, PN)[0]
+
+    new = state_passing_fwd(local, cs, g0, block=block)
+    assert [t.dtype for t in new] == [local.dtype, torch.float32]
+    for got, want in zip(new, ref_fwd(local, cs, g0)):
+        torch.testing.assert_close(got.double(), want, **tol)
+    for got, want in zip(new, old_fwd(local, cs, g0, old_block)):
+        torch.testing.assert_close(got, want, **tol)
+
+    new = state_passing_bwd(dg_in, g_in, cs, dg_final, block=block)
+    assert [t.dtype for t in new] == [dg_in.dtype, torch.float32, torch.float32]
+    assert new[1].shape == cs.shape
+    for got, want in zip(new, ref_bwd(dg_in, g_in, cs, dg_final)):
+        torch.testing.assert_close(got.double(), want, **tol)
+    for got, want in zip(new, old_bwd(dg_in, g_in, cs, dg_final, old_block)):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_state_passing_keeps_state_shape():
+    """The layer's chunk states are (B, nc, H, P, N): the wrappers take any trailing state shape."""
+    cs, local, g0, dg_in, g_in, dg_final = make(1, 3, 2, 64, seed=1)
+    g_in5, g_final = state_passing_fwd(local.view(1, 3, 2, 8, 8), cs, g0.view(1, 2, 8, 8))
+    assert g_in5.shape == (1, 3, 2, 8, 8) and g_final.shape == (1, 2, 8, 8)
+    torch.testing.assert_close(g_in5.view_as(local), state_passing_fwd(local, cs, g0)[0])
+    dlocal, dcsl, dg0 = state_passing_bwd(dg_in.view(1, 3, 2, 8, 8), g_in.view(1, 3, 2, 8, 8), cs, dg_final.view(1, 2, 8, 8))
+    assert dlocal.shape == (1, 3, 2, 8, 8) and dcsl.shape == (1, 3, 2) and dg0.shape == (1, 2, 8, 8)
+
+
+def test_launch_config():
+    assert launch_config(8 * 32, 8192) == (1024, 8)  # 8 x 4k tokens, 32 heads: 2048 programs already
+    assert launch_config(32, 8192) == (256, 2)  # one sequence: 1024 programs of 256 channels
+    assert launch_config(2 * 32, 8192)[0] == 512
+    assert launch_config(1, 48) == (64, 1)
