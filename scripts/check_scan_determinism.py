@@ -1,7 +1,10 @@
 """Every launch config of the Mamba-3 SISO chunk kernels, checked for finite and bit-identical results
 (a GPU diagnostic for kernel changes; it found the dk/dx miscompile logged in docs/perf-notes.md, v7).
 
-    python scripts/check_scan_determinism.py [--packed]
+    python scripts/check_scan_determinism.py [--packed] [--kernel NAME] [--config WARPS,STAGES]
+
+``--kernel`` / ``--config`` check one kernel / one config (the others then run at one fixed config each when
+HYBRID_TRITON_TUNE=fixed): a crash (illegal address) ends the process, so a driver can run each in its own.
 
 For each of the big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
 forward + backward four times on the same bf16 inputs (with ``--packed``: several documents per row, the
@@ -33,8 +36,14 @@ class Fixed:
         return lambda *a, **k: self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
+def _option(name: str) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else None
+
+
 def main() -> None:
     packed = "--packed" in sys.argv[1:]
+    only, config = _option("--kernel"), _option("--config")
+    configs = [tuple(int(v) for v in config.split(","))] if config else CONFIGS
     seq = None
     if packed:  # documents of 130, 1, 301, 64, 504 and 64, 192, 700, 44 tokens
         seq = torch.cat([torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[None]
@@ -44,8 +53,10 @@ def main() -> None:
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
     kernels = (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dx", bw), ("_chunk_scan_bwd_dk", bw))
     for name, module in kernels:
+        if only and name != only:
+            continue
         tuned = getattr(module, name + "_tuned")
-        for warps, stages in CONFIGS:
+        for warps, stages in configs:
             setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))
             runs = []
             for _ in range(4):
