@@ -75,7 +75,7 @@ def test_state_passing_matches_reference_and_old_kernels(B, nc, H, PN, block):
     cs, local, g0, dg_in, g_in, dg_final = make(B, nc, H, PN, seed=nc * 7 + PN)
     assert torch.isinf(cs).any() and torch.isfinite(cs).any() or nc == 1
     tol = dict(rtol=1e-5, atol=1e-5)
-    old_block = block or launch_config(B * H, PN)[0]
+    old_block = block or launch_config(B * H, PN, 4)[0]
 
     new = state_passing_fwd(local, cs, g0, block=block)
     assert [t.dtype for t in new] == [local.dtype, torch.float32]
@@ -103,8 +103,24 @@ def test_state_passing_keeps_state_shape():
     assert dlocal.shape == (1, 3, 2, 8, 8) and dcsl.shape == (1, 3, 2) and dg0.shape == (1, 2, 8, 8)
 
 
+def test_state_passing_bf16_storage_matches_old_kernels():
+    """16-bit chunk states (the layer's with bf16 activations): the same casts as the old kernels, so equal to them up
+    to one bf16 rounding step where the float32 sums differ in their last bits."""
+    B, nc, H, PN, block = 2, K_CHUNKS + 3, 2, 64, 32
+    cs, local, g0, dg_in, g_in, dg_final = make(B, nc, H, PN, seed=5, dtype=torch.bfloat16)
+    for got, want in zip(state_passing_fwd(local, cs, g0, block=block), old_fwd(local, cs, g0, block)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+    new = state_passing_bwd(dg_in, g_in, cs, dg_final, block=block)
+    for got, want in zip(new, old_bwd(dg_in, g_in, cs, dg_final, block)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
+
+
 def test_launch_config():
-    assert launch_config(8 * 32, 8192) == (1024, 8)  # 8 x 4k tokens, 32 heads: 2048 programs already
-    assert launch_config(32, 8192) == (256, 2)  # one sequence: 1024 programs of 256 channels
-    assert launch_config(2 * 32, 8192)[0] == 512
-    assert launch_config(1, 48) == (64, 1)
+    bf16, fp32 = 2, 4
+    assert launch_config(8 * 32, 8192, bf16) == (1024, 4)  # 8 x 4k tokens, 32 heads: 2048 programs of 1024 channels
+    assert launch_config(8 * 32, 8192, fp32) == (1024, 8)
+    assert launch_config(32, 8192, bf16) == (256, 1)  # one sequence: 1024 programs of 256 channels
+    assert launch_config(2 * 32, 8192, bf16)[0] == 512
+    assert launch_config(1, 48, fp32) == (64, 1)

@@ -106,14 +106,16 @@ def _state_passing_bwd_k(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0,
     tl.store(DG0 + bh * PN + offs, ds, mask=m)
 
 
-def launch_config(bh: int, pn: int, block: int | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) for bh = B*H scans of pn channels: 1024-channel blocks unless that leaves fewer than
-    MIN_PROGRAMS programs, then down to 256; about 4 channels of each row per thread."""
+def launch_config(bh: int, pn: int, itemsize: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) for bh = B*H scans of pn channels stored itemsize bytes each: 1024-channel blocks unless
+    that leaves fewer than MIN_PROGRAMS programs, then down to 256. Each thread takes 16 bytes of each row (one
+    vector load) and all K rows: a warp per 512 bytes of a row, so that the scan over rows stays in registers
+    (more warps would split the rows between warps, and the scan would go through shared memory)."""
     if block is None:
         block = min(1024, triton.next_power_of_2(pn))
         while block > 256 and bh * triton.cdiv(pn, block) < MIN_PROGRAMS:
             block //= 2
-    return block, max(1, min(8, block // 128))
+    return block, max(1, min(8, block * itemsize // 512))
 
 
 def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tensor,
@@ -128,7 +130,7 @@ def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tens
     local, cs_last, g0 = local.contiguous(), cs_last.contiguous(), g0.contiguous()
     PN = local[0, 0, 0].numel()
     g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
-    BLOCK, warps = launch_config(Bsz * H, PN, block)
+    BLOCK, warps = launch_config(Bsz * H, PN, local.element_size(), block)
     _state_passing_fwd_k[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN,
                                                             K=K_CHUNKS, BLOCK=BLOCK, num_warps=warps)
     return g_in, g_final
@@ -143,7 +145,7 @@ def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Te
     Bsz, nc, H = dg_in.shape[:3]
     dg_in, g_in, cs_last, dg_final = dg_in.contiguous(), g_in.contiguous(), cs_last.contiguous(), dg_final.contiguous()
     PN = dg_in[0, 0, 0].numel()
-    BLOCK, warps = launch_config(Bsz * H, PN, block)
+    BLOCK, warps = launch_config(Bsz * H, PN, dg_in.element_size(), block)
     nblk = triton.cdiv(PN, BLOCK)
     dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
     dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dg_in.device, dtype=torch.float32)  # per channel block
