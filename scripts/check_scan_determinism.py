@@ -43,7 +43,7 @@ def _option(name: str) -> str | None:
 def main() -> None:
     packed = "--packed" in sys.argv[1:]
     only, config = _option("--kernel"), _option("--config")
-    configs = [tuple(int(v) for v in config.split(","))] if config else CONFIGS
+    forced = [tuple(int(v) for v in config.split(","))] if config else None
     seq = None
     if packed:  # documents of 130, 1, 301, 64, 504 and 64, 192, 700, 44 tokens
         seq = torch.cat([torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))[None]
@@ -56,6 +56,9 @@ def main() -> None:
         if only and name != only:
             continue
         tuned = getattr(module, name + "_tuned")
+        # By default the configs the kernel's autotuner may pick (some warp counts are left out where Triton
+        # miscompiles them); --config forces one, allowed or not.
+        configs = forced or [(c.num_warps, c.num_stages) for c in getattr(tuned, "configs", [])] or CONFIGS
         for warps, stages in configs:
             setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))
             runs = []

@@ -305,7 +305,9 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
 
 
 _chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY)
-_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
+# At 8 warps Triton 3.6 on an H100 compiles this kernel into one that hits an illegal address (every num_stages;
+# 4 warps are exact and bit-identical: scripts/diag_scan_kernels.sh, docs/perf-notes.md v8).
+_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY, warps=(4,))
 _chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, key=SISO_KEY)
 _chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA"), key=SISO_KEY)  # read, then rewritten
 
