@@ -51,13 +51,12 @@ def main() -> None:
     inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
-    kernels = (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dx", bw), ("_chunk_scan_bwd_dk", bw))
+    kernels = (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dkdx", bw))
     for name, module in kernels:
         if only and name != only:
             continue
         tuned = getattr(module, name + "_tuned")
-        # By default the configs the kernel's autotuner may pick (some warp counts are left out where Triton
-        # miscompiles them); --config forces one, allowed or not.
+        # By default the configs the kernel's autotuner may pick; --config forces one.
         configs = forced or [(c.num_warps, c.num_stages) for c in getattr(tuned, "configs", [])] or CONFIGS
         for warps, stages in configs:
             setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))

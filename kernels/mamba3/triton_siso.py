@@ -162,21 +162,22 @@ def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_s
 
 
 @triton.jit
-def _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
-              N: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ROT: tl.constexpr, ANGLE_DT: tl.constexpr,
-              HAS_SEQ: tl.constexpr):
-    """Pairs ``nb`` of q and k for one chunk and head, biased and (when ROT) rotated. q and k of a token share its
-    angle, so the block's cos/sin (a cumulative sum and two transcendentals per element) are taken once for both;
-    they are returned for the backward's un-rotation (meaningless when not ROT)."""
-    qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, N, HAS_QB)
-    kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, N, HAS_KB)
-    cos, sin = qE, qO
-    if ROT:
-        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
-                               HAS_SEQ)
-        qE, qO = _rotate(qE, qO, cos, sin)
-        kE, kO = _rotate(kE, kO, cos, sin)
-    return qE, qO, kE, kO, cos, sin
+def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
+                  C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                  HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, dtype: tl.constexpr,
+                  HAS_SEQ: tl.constexpr):
+    """(C, C) scores q_j . k_i of rotated, biased q and k, summed over column blocks of NB pairs so that only
+    one block of q and k is live at a time."""
+    scores = tl.zeros((C, C), dtype=tl.float32)
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
+        kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                seq, enter, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
+        scores += tl.dot(qE.to(dtype), tl.trans(kE.to(dtype)))
+        scores += tl.dot(qO.to(dtype), tl.trans(kO.to(dtype)))
+    return scores
 
 
 @triton.jit
@@ -237,22 +238,8 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
-    gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    # One walk over the column blocks: the scores and the entering state's contribution both need the block's
-    # rotated q, so each block is loaded and rotated once. e^{cs_j} scales whole rows of the latter: applied after.
-    scores = tl.zeros((C, C), dtype=tl.float32)
-    y_in = tl.zeros((C, P), dtype=tl.float32)
-    for j in tl.static_range(N2 // NB):
-        nb = j * NB + tl.arange(0, NB)
-        qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
-                                             S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
-                                             HAS_SEQ)
-        qE, qO = qE.to(dtype), qO.to(dtype)
-        scores += tl.dot(qE, tl.trans(kE.to(dtype)))
-        scores += tl.dot(qO, tl.trans(kO.to(dtype)))
-        gE = tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
-        gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
-        y_in += tl.dot(qE, tl.trans(gE)) + tl.dot(qO, tl.trans(gO))
+    scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                           seq, enter, C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
     i = tl.arange(0, C)
     below = i[:, None] > i[None, :]
     if HAS_SEQ:
@@ -260,27 +247,35 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
     decay = tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0))  # exponent <= 0 where used
     w = tl.where(below, decay * scale[None, :], tl.where(i[:, None] == i[None, :], gamma[None, :], 0.0))
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
+    y = tl.dot((scores * w).to(dtype), x.to(dtype))  # (C, P)
     ecs = tl.exp(cs)
     if HAS_SEQ:
         ecs = ecs * enter  # the entering state reaches the document open at the chunk's start only
-    y = tl.dot((scores * w).to(dtype), x.to(dtype)) + ecs[:, None] * y_in  # (C, P)
+    gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
+        gE = tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
+        gO = tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
+        y += ecs[:, None] * (tl.dot(qE.to(dtype), tl.trans(gE)) + tl.dot(qO.to(dtype), tl.trans(gO)))
     if HAS_D:
         y += tl.load(D + h).to(tl.float32) * x.to(tl.float32)
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
-def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P"), warps: tuple[int, ...] = (4, 8)):
+def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P")):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
     ``restore`` names buffers the kernel reads and rewrites in place: the tuner restores them between
-    trial runs. ``warps`` leaves out warp counts that Triton miscompiles for a kernel. The interpreter (CPU
-    tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed`` (the GPU tests) compiles one config only."""
+    trial runs. The interpreter (CPU tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed`` (the GPU
+    tests) compiles one config only."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
-    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in warps for st in (1, 2, 3)]
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
     if os.environ.get("HYBRID_TRITON_TUNE", "all") == "fixed":
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
-        configs = [triton.Config({}, num_warps=max(warps), num_stages=1)]
+        configs = [triton.Config({}, num_warps=8, num_stages=1)]
     return triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
 
 
