@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.common import Mamba3State, rotate
+from hybrid.kernels.mamba3.triton_state_passing import state_passing_fwd
 
 
 @triton.jit
@@ -443,11 +444,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
         beta0 = (dt[:, 0] * (1 - lam[:, 0])).float()  # (B, H)
         prev = initial_state.v.float()[..., :, None] * initial_state.k[:, 0].float()[..., None, :]  # (B, H, P, N)
         g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
-    g_in = torch.empty_like(local)  # in the storage type of the chunk states; the passing adds in fp32
-    g_final = torch.empty_like(g0)
-    PN = P * N
-    BLOCK = min(1024, triton.next_power_of_2(PN))
-    _state_passing_fwd[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN, BLOCK=BLOCK)
+    g_in, g_final = state_passing_fwd(local, cs_last, g0)  # g_in in the chunk states' storage type; adds in fp32
 
     y = torch.empty_like(v)
     _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,

@@ -53,6 +53,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     state_dtype,
     tuned,
 )
+from hybrid.kernels.mamba3.triton_state_passing import state_passing_bwd
 
 
 @triton.jit
@@ -326,18 +327,10 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], seq, dy, dg_in, T, H, S, nc,
                                            H // G, *strides, HAS_QB=has_qb, **flags)
 
-    PN = P * N
-    BLOCK = min(1024, triton.next_power_of_2(PN))
-    nblk = triton.cdiv(PN, BLOCK)
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
         dg_final = _to_eo(d_ssm.float()).contiguous()
-    dlocal = torch.empty_like(dg_in)
-    dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dev, dtype=torch.float32)
-    dg0 = torch.empty_like(dg_final)
-    _state_passing_bwd[(Bsz * H, nblk)](dg_in, ctx["g_in"], ctx["cs_last"], dg_final, dlocal, dcsl_part, dg0,
-                                        H, nc, PN, nblk, BLOCK=BLOCK)
-    dcsl = dcsl_part.sum(-1).contiguous()
+    dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
     f32 = dict(device=dev, dtype=torch.float32)
     # Per-head dq / dk (0.5 GB each in fp32 at 8 x 4k x 32 heads) are only summed over the heads of a group: 16-bit
