@@ -1,10 +1,9 @@
-"""K-chunks-a-step state passing (``triton_state_passing.py``) against a float64 PyTorch loop and against the
-one-chunk-a-step kernels of ``triton_siso.py`` / ``triton_siso_bwd.py`` on the same inputs.
+"""K-chunks-a-step state passing (``triton_state_passing.py``) against a float64 PyTorch loop.
 
-On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest). Float32 storage is checked against the
-reference; bf16 storage (the interpreter's fp32 -> bf16 casts are not the GPU's) only against the old kernels, which
-cast the same way. Shapes are tiny but ragged: nc = 1, nc not a multiple of K, channel counts not a multiple of the
-block, several blocks, and documents starting in some chunks (cs_last = -inf).
+On the CPU the kernels run under TRITON_INTERPRET=1 (set in conftest). Float32 storage is checked tightly; bf16
+storage (the interpreter's fp32 -> bf16 casts truncate, unlike the GPU's) within a few bf16 steps. Shapes are
+tiny but ragged: nc = 1, nc not a multiple of K, channel counts not a multiple of the block, several blocks, and
+documents starting in some chunks (cs_last = -inf).
 """
 
 import pytest
@@ -12,8 +11,6 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from hybrid.kernels.mamba3.triton_siso import _state_passing_fwd  # noqa: E402
-from hybrid.kernels.mamba3.triton_siso_bwd import _state_passing_bwd  # noqa: E402
 from hybrid.kernels.mamba3.triton_state_passing import K_BWD, K_FWD, launch_config, state_passing_bwd, state_passing_fwd  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,43 +53,22 @@ def ref_bwd(dg_in, g_in, cs, dg_final):
     return dlocal, dcsl, ds
 
 
-def old_fwd(local, cs, g0, block):
-    B, nc, H, PN = local.shape
-    g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
-    _state_passing_fwd[(B * H, triton.cdiv(PN, block))](local, cs, g0, g_in, g_final, H, nc, PN, BLOCK=block)
-    return g_in, g_final
-
-
-def old_bwd(dg_in, g_in, cs, dg_final, block):
-    B, nc, H, PN = dg_in.shape
-    nblk = triton.cdiv(PN, block)
-    dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
-    dcsl_part = torch.empty(B, nc, H, nblk, device=dg_in.device, dtype=torch.float32)
-    _state_passing_bwd[(B * H, nblk)](dg_in, g_in, cs, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk, BLOCK=block)
-    return dlocal, dcsl_part.sum(-1), dg0
-
-
 @pytest.mark.parametrize("B,nc,H,PN,block", SHAPES)
-def test_state_passing_matches_reference_and_old_kernels(B, nc, H, PN, block):
+def test_state_passing_matches_reference(B, nc, H, PN, block):
     cs, local, g0, dg_in, g_in, dg_final = make(B, nc, H, PN, seed=nc * 7 + PN)
     assert torch.isinf(cs).any() and torch.isfinite(cs).any() or nc == 1
     tol = dict(rtol=1e-5, atol=1e-5)
-    old_block = block or launch_config(B * H, PN, 4)[0]
 
     new = state_passing_fwd(local, cs, g0, block=block)
     assert [t.dtype for t in new] == [local.dtype, torch.float32]
     for got, want in zip(new, ref_fwd(local, cs, g0)):
         torch.testing.assert_close(got.double(), want, **tol)
-    for got, want in zip(new, old_fwd(local, cs, g0, old_block)):
-        torch.testing.assert_close(got, want, **tol)
 
     new = state_passing_bwd(dg_in, g_in, cs, dg_final, block=block)
     assert [t.dtype for t in new] == [dg_in.dtype, torch.float32, torch.float32]
     assert new[1].shape == cs.shape
     for got, want in zip(new, ref_bwd(dg_in, g_in, cs, dg_final)):
         torch.testing.assert_close(got.double(), want, **tol)
-    for got, want in zip(new, old_bwd(dg_in, g_in, cs, dg_final, old_block)):
-        torch.testing.assert_close(got, want, **tol)
 
 
 def test_state_passing_keeps_state_shape():
@@ -105,17 +81,16 @@ def test_state_passing_keeps_state_shape():
     assert dlocal.shape == (1, 3, 2, 8, 8) and dcsl.shape == (1, 3, 2) and dg0.shape == (1, 2, 8, 8)
 
 
-def test_state_passing_bf16_storage_matches_old_kernels():
-    """16-bit chunk states (the layer's with bf16 activations): the same casts as the old kernels, so equal to them up
-    to one bf16 rounding step where the float32 sums differ in their last bits."""
+def test_state_passing_bf16_storage():
+    """16-bit chunk states (the layer's with bf16 activations): outputs keep the storage type and stay within a few
+    bf16 rounding steps of the float64 loop on the same (rounded) inputs; the sums themselves run in float32."""
     B, nc, H, PN, block = 2, K_FWD + 3, 2, 64, 32
     cs, local, g0, dg_in, g_in, dg_final = make(B, nc, H, PN, seed=5, dtype=torch.bfloat16)
-    pairs = list(zip(state_passing_fwd(local, cs, g0, block=block), old_fwd(local, cs, g0, block)))
-    pairs += zip(state_passing_bwd(dg_in, g_in, cs, dg_final, block=block), old_bwd(dg_in, g_in, cs, dg_final, block))
+    pairs = list(zip(state_passing_fwd(local, cs, g0, block=block), ref_fwd(local, cs, g0)))
+    pairs += zip(state_passing_bwd(dg_in, g_in, cs, dg_final, block=block), ref_bwd(dg_in, g_in, cs, dg_final))
+    assert [got.dtype for got, _ in pairs] == [torch.bfloat16, torch.float32, torch.bfloat16, torch.float32, torch.float32]
     for got, want in pairs:
-        assert got.dtype == want.dtype
-        tol = {} if got.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)  # bf16: assert_close's, ~one rounding step
-        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
 
 
 def test_launch_config():

@@ -4,7 +4,7 @@ Same math as ``chunk.py`` (the reference these kernels are tested against), orga
 chunk of every sequence is processed in parallel, as Mamba-2's SSD does:
 
     1. _chunk_state_fwd   grid (chunks, B*H)    local state of each chunk, as if it started from zero
-    2. _state_passing_fwd grid (B*H, P*N/BLOCK) short sequential scan over chunks: the entering states
+    2. state_passing_fwd  (triton_state_passing.py) short sequential scan over chunks: the entering states
     3. _chunk_scan_fwd    grid (chunks, B*H)    intra-chunk masked matmuls + entering state + D skip
 
 Rotation, B/C biases and the trapezoid weights are fused into 1 and 3; nothing of size T x H x N is
@@ -208,23 +208,6 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST
     if HAS_SEQ:
         cs_last = tl.where(through, cs_last, float("-inf"))  # a document starts here: the entering state stops
     tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
-
-
-@triton.jit
-def _state_passing_fwd(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, BLOCK: tl.constexpr):
-    """G_c = e^{cs_last} G_{c-1} + local_c, added in float32 whatever the storage type of the chunk states
-    (cs_last is -inf at a chunk where a document starts: nothing of the entering state passes)."""
-    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    m = offs < PN
-    g = tl.load(G0 + bh * PN + offs, mask=m, other=0.0)
-    for c in range(nc):
-        idx = (b * nc + c) * H + h
-        tl.store(G_IN + idx * PN + offs, g.to(G_IN.dtype.element_ty), mask=m)
-        decay = tl.exp(tl.load(CS_LAST + idx))
-        g = decay * g + tl.load(LOCAL + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(G_FINAL + bh * PN + offs, g, mask=m)
 
 
 @triton.jit

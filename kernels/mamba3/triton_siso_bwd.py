@@ -8,7 +8,7 @@ Forward per chunk (``triton_siso.py``), with rotated q, k and in-chunk cumulativ
 Backward, four launches mirroring the forward:
 
     1. _chunk_dstate_bwd  grid (chunks, B*H)   dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
-    2. _state_passing_bwd grid (B*H, blocks)   reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
+    2. state_passing_bwd  (triton_state_passing.py) reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
                                                into each chunk's local state; partial sums of d cs_last
     3. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
                                                inter terms of d log-decay, d scale, d gamma, d angle
@@ -78,26 +78,6 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
                                 s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
         tl.store(base + p[:, None] * 2 * N2 + nb[None, :], tl.dot(dye, qE.to(dtype)).to(DG_IN.dtype.element_ty))
         tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], tl.dot(dye, qO.to(dtype)).to(DG_IN.dtype.element_ty))
-
-
-@triton.jit
-def _state_passing_bwd(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H, nc, PN, nblk,
-                       BLOCK: tl.constexpr):
-    """Reverse of ``_state_passing_fwd``: adds in float32 whatever the storage type of the chunk states."""
-    bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    m = offs < PN
-    ds = tl.load(DG_FINAL + bh * PN + offs, mask=m, other=0.0)  # dG_{c+1}, starting at the final state
-    for i in range(nc):
-        c = nc - 1 - i
-        idx = (b * nc + c) * H + h
-        tl.store(DLOCAL + idx * PN + offs, ds.to(DLOCAL.dtype.element_ty), mask=m)
-        decay = tl.exp(tl.load(CS_LAST + idx))
-        g = tl.load(G_IN + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(DCSL_PART + idx * nblk + blk, tl.sum(ds * g, axis=0) * decay)
-        ds = decay * ds + tl.load(DG_IN + idx * PN + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(DG0 + bh * PN + offs, ds, mask=m)
 
 
 @triton.jit
