@@ -397,7 +397,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
             later = tot.flip(1).cumsum(1).flip(1) - tot  # what the chunks after c add to each increment of chunk c
             if dtheta_final is not None:
                 later = later + dtheta_final[:, None]  # theta_final = theta_{T-1}: every increment moves it
-            later = later[:, :, None]
         else:
             # later_c = u_c + [no document starts in chunk c + 1] later_{c+1}, u_c = d entry_{c+1} (d theta_final for
             # the last chunk): the entry of chunk c + 1 is the angle of chunk c's last document. It reaches only the
@@ -408,14 +407,34 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
             chain = torch.cat([last[:, 1:] == prev[:, 1:], torch.zeros_like(last[:, :1], dtype=torch.bool)], dim=1)
             later = restart_cumsum(u.flip(1), (~chain).flip(1)).flip(1).float()
             later = later[:, :, None] * (seq_c == last[..., None]).float()[..., None, None]  # (B, nc, C, H, S)
-        dinc = dtheta[..., :S]
-        dinc = (torch.nn.functional.pad(dinc, (0, 0, 0, 0, 0, pad)).view(Bsz, nc, C, H, S) + later)
-        dinc = dinc.view(Bsz, nc * C, H, S)[:, :T]  # (B, T, H, S)
+        inner = dtheta[..., :S]  # (B, T, H, S) the in-chunk part of each increment's gradient
         if angle_dt:
-            grads["omega"] = torch.einsum("bths,bth->bts", dinc, dtf)
-            d_dt += torch.einsum("bths,bts->bth", dinc, om.float())
+            omf = om.float()
+            grads["omega"] = torch.einsum("bths,bth->bts", inner, dtf)
+            d_dt += torch.einsum("bths,bts->bth", inner, omf)
         else:
-            grads["omega"] = dinc.sum(2)
+            grads["omega"] = inner.sum(2)
+        if seq_idx is None:
+            # `later` is one row per chunk: contract it with the chunk's dt / omega rows instead of adding it to
+            # the (B, T, H, S) gradient, which would cost two more passes over that tensor.
+            def chunked(t: torch.Tensor) -> torch.Tensor:  # (B, T, X) -> (B, nc, C, X), zero past T
+                return torch.nn.functional.pad(t, (0, 0, 0, pad)).view(Bsz, nc, C, t.shape[-1])
+
+            def unchunked(t: torch.Tensor) -> torch.Tensor:  # (B, nc, C, X) -> (B, T, X)
+                return t.reshape(Bsz, nc * C, t.shape[-1])[:, :T]
+
+            if angle_dt:  # later: (B, nc, H, S)
+                grads["omega"] += unchunked(torch.einsum("bchs,bcih->bcis", later, chunked(dtf)))
+                d_dt += unchunked(torch.einsum("bchs,bcis->bcih", later, chunked(omf)))
+            else:
+                grads["omega"] += unchunked(later.sum(2)[:, :, None].expand(Bsz, nc, C, S))
+        else:
+            dinc = later.reshape(Bsz, nc * C, H, S)[:, :T]  # (B, T, H, S): per token within documents
+            if angle_dt:
+                grads["omega"] += torch.einsum("bths,bth->bts", dinc, dtf)
+                d_dt += torch.einsum("bths,bts->bth", dinc, omf)
+            else:
+                grads["omega"] += dinc.sum(2)
 
     # Initial state: G_{-1} = ssm0 + beta'_0 x0 k0^T with beta'_0 = dt_0 (1 - lam_0).
     grads["ssm0"] = grads["k0"] = grads["v0"] = None
