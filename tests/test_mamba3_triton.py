@@ -292,3 +292,16 @@ def test_several_column_blocks_match_reference(monkeypatch, n_angles):
     _close(y.detach(), y_ref.detach(), 2e-4)
     errors = {name: _rel(a, b) for name, a, b in zip(names + ["ssm0", "k0", "v0"], got, want)}
     assert all(e < 2e-4 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("B,T,H,S", [(2, 37, 3, 5), (1, 64, 4, 8), (2, 16, 32, 64)])
+def test_angle_grads_match_einsum(B, T, H, S):
+    """The backward's one-pass contraction of the per-head angle gradient with dt and omega, against einsum
+    (ragged head and angle counts are masked up to powers of two)."""
+    from hybrid.kernels.mamba3.triton_siso_bwd import angle_grads
+
+    g = torch.Generator().manual_seed(B * T + H)
+    dinc, dt, om = torch.randn(B, T, H, S, generator=g), torch.rand(B, T, H, generator=g), torch.randn(B, T, S, generator=g)
+    d_omega, d_dt = angle_grads(dinc, dt, om)
+    torch.testing.assert_close(d_omega, torch.einsum("bths,bth->bts", dinc, dt), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_dt, torch.einsum("bths,bts->bth", dinc, om), rtol=1e-5, atol=1e-5)

@@ -284,6 +284,37 @@ _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
 _chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"), key=SISO_KEY)  # read, then rewritten
 
 
+@triton.jit
+def _angle_grads(DINC, DT, OM, D_OMEGA, D_DT, H, S, BT: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr):
+    """For BT tokens: d omega_t = sum_h dinc_th dt_th and d dt_th = sum_s dinc_th om_ts, reading dinc (any float
+    type, per head and angle) once for both; sums in float32."""
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # rows of the flattened (B * T)
+    h, s = tl.arange(0, BH), tl.arange(0, BS)
+    hm, sm = h < H, s < S
+    dinc = tl.load(DINC + (t[:, None, None] * H + h[None, :, None]) * S + s[None, None, :],
+                   mask=hm[None, :, None] & sm[None, None, :], other=0.0).to(tl.float32)  # (BT, BH, BS)
+    dt = tl.load(DT + t[:, None] * H + h[None, :], mask=hm[None, :], other=0.0).to(tl.float32)  # (BT, BH)
+    om = tl.load(OM + t[:, None] * S + s[None, :], mask=sm[None, :], other=0.0).to(tl.float32)  # (BT, BS)
+    tl.store(D_OMEGA + t[:, None] * S + s[None, :], tl.sum(dinc * dt[:, :, None], axis=1), mask=sm[None, :])
+    tl.store(D_DT + t[:, None] * H + h[None, :], tl.sum(dinc * om[:, None, :], axis=2), mask=hm[None, :])
+
+
+def angle_grads(dinc: torch.Tensor, dt: torch.Tensor, om: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(einsum("bths,bth->bts", dinc, dt), einsum("bths,bts->bth", dinc, om)) in float32, one pass over dinc
+    (B, T, H, S), which may be stored in 16 bits."""
+    Bsz, T, H, S = dinc.shape
+    dinc, dt, om = dinc.contiguous(), dt.contiguous(), om.contiguous()
+    d_omega = torch.empty(Bsz, T, S, device=dinc.device, dtype=torch.float32)
+    d_dt = torch.empty(Bsz, T, H, device=dinc.device, dtype=torch.float32)
+    BH, BS = triton.next_power_of_2(H), triton.next_power_of_2(S)
+    BT = max(1, 4096 // (BH * BS))  # ~4k elements of dinc a program; B * T is a multiple of it (powers of two)
+    rows = Bsz * T
+    if rows % BT:
+        BT = 1
+    _angle_grads[(rows // BT,)](dinc, dt, om, d_omega, d_dt, H, S, BT=BT, BH=BH, BS=BS, num_warps=4)
+    return d_omega, d_dt
+
+
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
                           d_v_last: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
     """Gradients of ``mamba3_siso_chunk_fwd`` given what it saved (``ctx``) and the output gradients.
@@ -323,7 +354,9 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dkb_part = torch.empty(Bsz, nc, H, N, **f32) if has_kb else dkh
     dx = torch.empty_like(v)
     da, dscale, dgamma = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
-    dtheta = torch.empty(Bsz, T, H, max(S, 1), **f32)
+    # The per-head angle gradient is only summed over heads and angles (angle_grads): 16 bits with 16-bit activations,
+    # as the per-head dq / dk.
+    dtheta = torch.empty(Bsz, T, H, max(S, 1), **part)
     dtheta_tot = torch.empty(Bsz, nc, H, max(S, 1), **f32)
     dd_part = torch.empty(Bsz, nc, H, **f32)
     dcs_part = torch.empty(Bsz, T, H, **f32)
@@ -410,10 +443,10 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         inner = dtheta[..., :S]  # (B, T, H, S) the in-chunk part of each increment's gradient
         if angle_dt:
             omf = om.float()
-            grads["omega"] = torch.einsum("bths,bth->bts", inner, dtf)
-            d_dt += torch.einsum("bths,bts->bth", inner, omf)
+            grads["omega"], d_dt_angle = angle_grads(inner, dtf, omf)
+            d_dt += d_dt_angle
         else:
-            grads["omega"] = inner.sum(2)
+            grads["omega"] = inner.sum(2, dtype=torch.float32)
         if seq_idx is None:
             # `later` is one row per chunk: contract it with the chunk's dt / omega rows instead of adding it to
             # the (B, T, H, S) gradient, which would cost two more passes over that tensor.
@@ -431,8 +464,9 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         else:
             dinc = later.reshape(Bsz, nc * C, H, S)[:, :T]  # (B, T, H, S): per token within documents
             if angle_dt:
-                grads["omega"] += torch.einsum("bths,bth->bts", dinc, dtf)
-                d_dt += torch.einsum("bths,bts->bth", dinc, omf)
+                d_omega_later, d_dt_later = angle_grads(dinc, dtf, omf)
+                grads["omega"] += d_omega_later
+                d_dt += d_dt_later
             else:
                 grads["omega"] += dinc.sum(2)
 
