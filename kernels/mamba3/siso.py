@@ -39,6 +39,9 @@ class _SisoChunk(torch.autograd.Function):
         ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D)]
         ctx.init_dtypes = None if init is None else (ssm.dtype, k_prev.dtype, v_prev.dtype)
         ctx.mark_non_differentiable(state.angle)
+        # Outputs nobody uses (the final state, in training) get None, not zero tensors that the backward would then
+        # carry through its final-state terms, including a copy of the (B, T, H, P) dx.
+        ctx.set_materialize_grads(False)
         return y, state.angle, state.ssm, state.k, state.v.clone()  # v is a view of an input: clone it
 
     @staticmethod
@@ -47,6 +50,8 @@ class _SisoChunk(torch.autograd.Function):
         saved.update(ctx.flags)
         for key in ("v0", "k0", "seq"):
             saved.setdefault(key, None)
+        if dy is None:  # only the final state was used
+            dy = torch.zeros_like(saved["v"])
         g = mamba3_siso_chunk_bwd(saved, dy, d_ssm, d_k, d_v)
         out = [None if dtype is None or g[name] is None else g[name].to(dtype)
                for name, dtype in zip(_INPUTS, ctx.dtypes)]
