@@ -317,11 +317,11 @@ class Mamba3(Mixer):
 
         if cache is not None and T == 1 and self._use_triton_mimo_step(x):
             y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, 1, R, H, P)
-            return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(self._out_dtype(x)))
+            return self._output(y, z, fused, x)
         if self._use_triton(x, seq_idx):
             scan = self._triton_mimo_scan if cfg.mimo else self._triton_scan
             y = scan(Cm, Bm, xs, log_decay, dt, lam, omega, cache, seq_idx)  # (B, T, R, H, P)
-            return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(self._out_dtype(x)))
+            return self._output(y, z, fused, x)
         dtheta = None  # (B, T, H, S) angle increments, for the PyTorch reference
         if cfg.rotation == "data_dependent":
             dtheta = dt[..., None] * omega[:, :, None, :]
@@ -339,15 +339,18 @@ class Mamba3(Mixer):
                                     chunk_size=cfg.resolved_chunk_size)  # (B, T, R, H, P)
         if cache is not None:
             cache.update(state)
-        return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(self._out_dtype(x)))
+        return self._output(y, z, fused, x)
 
-    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype out_proj computes in. Under autocast x is float32 (the norm before the block runs in fp32), so a
-        cast to x's dtype would widen the 16-bit (B, T, d_inner) gate output only for autocast to narrow it again:
-        two extra passes forward and two backward."""
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return self.out_proj.weight.dtype
+    def _output(self, y: torch.Tensor, z: torch.Tensor, fused: bool, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, R, H, P) SSM output, gated and projected to (B, T, d_model).
+
+        The gated output goes to out_proj in the dtype out_proj computes in. Under autocast x is float32 (the norm
+        before the block runs in fp32), so a cast to x's dtype would widen the 16-bit (B, T, d_inner) tensor only
+        for autocast to narrow it again: two extra passes forward and two backward."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.out_proj.weight.dtype
+        Bsz, T = y.shape[:2]
+        return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(dtype))
 
     def _use_triton(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
         """Whether the chunked scan (training, prefill; SISO also its decode step) runs the Triton kernels."""

@@ -21,6 +21,22 @@ from hybrid.kernels.mamba3.common import Mamba3State
 
 
 @triton.jit
+def _rotation_pairs(n, N: tl.constexpr, HALF: tl.constexpr):
+    """For channels ``n``: the angle pair each belongs to, its rotation partner, the sign of the partner's sine
+    term, and whether it is the pair's first channel. "half" pairs (i, i + N/2), else (2i, 2i+1) -> (e c - o s,
+    e s + o c)."""
+    if HALF:
+        first = n < N // 2
+        pair = tl.where(first, n, n - N // 2)
+        partner = tl.where(first, n + N // 2, n - N // 2)
+    else:
+        first = n % 2 == 0
+        pair = n // 2
+        partner = n ^ 1
+    return pair, partner, tl.where(first, -1.0, 1.0), first
+
+
+@triton.jit
 def _bias_and_rotate(t, w, BIAS, h, r, n, partner, cos, sin, sign, R: tl.constexpr, N: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_ROT: tl.constexpr):
     """(R, N) per-rank vectors ``t`` (float32; ``w`` holds each channel's rotation partner, read only with HAS_ROT)
@@ -55,17 +71,7 @@ def _mimo_step_kernel(Q, K, X, A, DT, LAM, OMEGA, QB, KB, VR, D, ANGLE, SSM, KC,
     g = h // heads_per_group
     n = tl.arange(0, N)
     r = tl.arange(0, R)
-    if HALF:
-        lower = n < N // 2
-        pair = tl.where(lower, n, n - N // 2)
-        partner = tl.where(lower, n + N // 2, n - N // 2)
-        sign = tl.where(lower, -1.0, 1.0)
-        first = lower
-    else:
-        pair = n // 2
-        partner = n ^ 1
-        sign = tl.where(n % 2 == 0, -1.0, 1.0)
-        first = n % 2 == 0
+    pair, partner, sign, first = _rotation_pairs(n, N, HALF)
     a = tl.load(A + b * s_ab + h * s_ah).to(tl.float32)
     dt = tl.load(DT + b * s_ab + h * s_ah).to(tl.float32)
     lam = tl.load(LAM + b * s_ab + h * s_ah).to(tl.float32)

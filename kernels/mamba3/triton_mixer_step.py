@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.common import Mamba3State
-from hybrid.kernels.mamba3.triton_mimo_step import _bias_and_rotate
+from hybrid.kernels.mamba3.triton_mimo_step import _bias_and_rotate, _rotation_pairs
 
 TWO_PI = 2 * math.pi
 
@@ -81,17 +81,7 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     rows = tl.arange(0, BP)
     ssm = SSM + (b * H + h) * P * N
     st_next = tl.load(ssm + rows[:, None] * N + n[None, :])
-    if HALF:
-        lower = n < N // 2
-        pair = tl.where(lower, n, n - N // 2)
-        partner = tl.where(lower, n + N // 2, n - N // 2)
-        sign = tl.where(lower, -1.0, 1.0)
-        first = lower
-    else:  # (2i, 2i+1) -> (e c - o s, e s + o c)
-        pair = n // 2
-        partner = n ^ 1
-        sign = tl.where(n % 2 == 0, -1.0, 1.0)
-        first = n % 2 == 0
+    pair, partner, sign, first = _rotation_pairs(n, N, HALF)
 
     dt = _softplus(tl.load(row + off_dt + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32))
     u_a = tl.load(row + off_a + h).to(tl.float32)

@@ -1,5 +1,5 @@
-"""Inter-chunk state passing of the Mamba-3 SISO scan, K chunks per step: the two sequential scans of
-``triton_siso.py`` / ``triton_siso_bwd.py`` with several chunks' loads in flight.
+"""Inter-chunk state passing of the Mamba-3 SISO scan (the sequential step between the chunk kernels of
+``triton_siso.py`` and ``triton_siso_bwd.py``), K chunks per step so that several chunks' loads are in flight.
 
 Forward, per (sequence, head) and channel, with a_c = e^{cs_last[c]} (0 where a document starts, cs_last = -inf):
 
@@ -14,15 +14,14 @@ Both are x -> a x + b maps applied in sequence. Composition is associative,
 combined by ``tl.associative_scan`` along the chunk axis; row k then holds the maps of the tile's first k + 1
 chunks composed, (A_k, B_k), and the state after them is A_k g + B_k with g the state carried into the tile.
 Rows past either end of the sequence load a = 1, b = 0 (the identity), so the last row is the carry out.
-The one-chunk-a-step kernels wait a full DRAM latency per chunk (one chunk of every program in flight, 0.5 MB
+A scan of one chunk a step waits a full DRAM latency per chunk (one chunk of every program in flight, 0.5 MB
 across the GPU at 1 x 64k tokens); here each step issues the next tile's loads before it scans the current one.
 
 The scan is inclusive (row k: the state after chunk c_k) while G_in and dlocal want the state *entering* a chunk:
 that is the inclusive result of the chunk before it, so each row is stored one chunk further along
 (G_in[c + 1] = G_c, dlocal[c - 1] = dG_{c - 1}), and the chunk at the sequence start (G_in[0] = G0, dlocal[nc-1] =
 dG_final) is written before the loop. Nothing is divided by a decay (a_c may be 0). Sums run in float32 whatever
-the storage type of the chunk states, as in the one-chunk-a-step kernels; results agree with them up to float32
-rounding (the products are grouped differently).
+the storage type of the chunk states.
 """
 
 from __future__ import annotations
