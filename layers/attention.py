@@ -21,7 +21,7 @@ from hybrid.kernels.attention import (
     flash_available,
 )
 from hybrid.kernels.sparse_attention import doc_starts, flex_available, sparse_attention, window_plan
-from hybrid.layers.base import Mixer, check_seq_idx
+from hybrid.layers.base import Mixer, check_seq_idx, compiled
 from hybrid.layers.sliding import KVCache
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
@@ -39,6 +39,7 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     qkv_bias: bool = False
     backend: Literal["auto", "sdpa", "flash", "flex", "naive", "gather", "triton"] = "auto"  # gather, triton: block_topk only
+    fused_elementwise: bool = True  # RoPE as one compiled kernel on CUDA for T > 1 (eager: ~10 fp32 passes each way)
 
     def __post_init__(self):
         if self.num_heads < 1:
@@ -59,6 +60,17 @@ class AttentionConfig:
 
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim if self.head_dim is not None else d_model // self.num_heads
+
+
+def rope_rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Turn the half-split channel pairs (i, i + D/2) of t (..., D) by the angles whose cos / sin (..., D/2)
+    broadcast against it; float32 arithmetic, t's dtype out."""
+    t1, t2 = t.float().chunk(2, dim=-1)
+    return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).to(t.dtype)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
 
 
 AttentionCache = KVCache  # (B, Hkv, slots, D) keys already rotated; a ring of `window` slots when windowed
@@ -100,14 +112,16 @@ class Attention(Mixer):
         return KVCache.allocate(batch_size, self.n_kv, self.head_dim, max_seqlen, self.cfg.window,
                                 device=device or self.o_proj.weight.device, dtype=dtype or self.o_proj.weight.dtype)
 
-    def _rope(self, t: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Rotate half-split channel pairs (i, i + D/2) by pos * inv_freq[i]; t is (B, H, T, D), pos (T,) or (B, T)."""
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D) and k (B, Hkv, T, D) rotated to positions ``pos`` (T,) or (B, T)."""
         angles = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
         if angles.ndim == 3:  # per-row positions (gathered tokens of a router)
             angles = angles[:, None]
         cos, sin = angles.cos(), angles.sin()
-        t1, t2 = t.float().chunk(2, dim=-1)
-        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1).to(t.dtype)
+        # Training and prefill: one compiled kernel each way instead of ~10 float32 passes over q and k. Decode
+        # steps stay eager (CUDA-graph capture; (B, H, 1, D) is tiny).
+        fused = self.cfg.fused_elementwise and q.is_cuda and q.shape[2] > 1
+        return (compiled(rope_qk) if fused else rope_qk)(q, k, cos, sin)
 
     def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, d_model) at positions ``pos`` (T,) or (B, T) -> q (B, H, T, D), k and v (B, Hkv, T, D), q/k rotated."""
@@ -115,7 +129,7 @@ class Attention(Mixer):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.cfg.position == "rope":
-            q, k = self._rope(q, pos), self._rope(k, pos)
+            q, k = self._rope(q, k, pos)
         return q, k, v
 
     def project_out(self, y: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ flow between tokens with different ids (document masking).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -83,3 +84,10 @@ def triton_runnable(t: torch.Tensor, backend: str) -> bool:
     CPU through Triton's interpreter (TRITON_INTERPRET=1) when the kernels are asked for by name (tests)."""
     device_ok = t.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
     return device_ok and importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def compiled(fn):
+    """``fn`` through torch.compile, made on first use (importing the compiler is slow) and shared by every
+    layer: its guards are on shapes, dtypes and the string options, not on the module."""
+    return torch.compile(fn)

@@ -24,7 +24,6 @@ reference under auto and raise under triton.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +31,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from hybrid.kernels.mamba3 import Mamba3State, mamba3_chunk, mamba3_step
-from hybrid.layers.base import Mixer, check_seq_idx, triton_runnable
+from hybrid.layers.base import Mixer, check_seq_idx, compiled, triton_runnable
 from torch import nn
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
@@ -195,13 +194,6 @@ def gate_output(y: torch.Tensor, z: torch.Tensor, out_norm_weight: torch.Tensor 
     return (o * mimo_o.transpose(0, 1).to(y.dtype)).sum(2)
 
 
-@functools.cache
-def _compiled(fn):
-    """``fn`` through torch.compile, made on first use (importing the compiler is slow) and shared by every
-    layer: its guards are on shapes, dtypes and the string options, not on the module."""
-    return torch.compile(fn)
-
-
 @register_mixer("mamba3", Mamba3Config)
 class Mamba3(Mixer):
     """Mamba-3 SSM (SISO / MIMO) with data-dependent rotation and trapezoidal discretisation."""
@@ -309,7 +301,7 @@ class Mamba3(Mixer):
         z, xs = z.view(Bsz, T, H, P), xs.view(Bsz, T, H, P)
         Bm, Cm = Bm.view(Bsz, T, R, G, N), Cm.view(Bsz, T, R, G, N)  # rank-major, then group, then state
         fused = cfg.fused_elementwise and x.is_cuda and T > 1  # decode steps stay eager (graph-captured)
-        prepare = _compiled(ssm_inputs) if fused else ssm_inputs
+        prepare = compiled(ssm_inputs) if fused else ssm_inputs
         Bm, Cm, dt, log_decay, lam, omega = prepare(
             Bm, Cm, u_dt, u_A, u_lam, u_th, self.dt_bias, getattr(self, "B_norm_weight", None),
             getattr(self, "C_norm_weight", None), cfg.norm_eps, cfg.a_activation, cfg.A_floor, cfg.trapezoid, cfg.rotation,
@@ -452,9 +444,10 @@ class Mamba3(Mixer):
 
         cfg, T = self.cfg, xs.shape[1]
         omega, angle_dt = self._rotation_rate(omega, xs.shape[0], T)
-        q_bias = self.C_bias[:, 0] if cfg.bc_bias else None  # (H, N)
-        k_bias = self.B_bias[:, 0] if cfg.bc_bias else None
-        q, k = Cm[:, :, 0], Bm[:, :, 0]  # (B, T, G, N)
+        # squeeze, not [:, :, 0] (R = 1 here): its backward is a view, where select's writes zeros and copies.
+        q_bias = self.C_bias.squeeze(1) if cfg.bc_bias else None  # (H, N)
+        k_bias = self.B_bias.squeeze(1) if cfg.bc_bias else None
+        q, k = Cm.squeeze(2), Bm.squeeze(2)  # (B, T, G, N)
         if cache is not None and T == 1:
             y = mamba3_siso_step_(q[:, 0].contiguous(), k[:, 0].contiguous(), xs[:, 0].contiguous(),
                                   log_decay[:, 0].contiguous(), dt[:, 0].contiguous(), lam[:, 0].contiguous(), cache.state(),
@@ -463,13 +456,13 @@ class Mamba3(Mixer):
             return y[:, None, None]  # (B, 1, 1, H, P)
         y, state = mamba3_siso_chunk(q, k, xs, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, self.D,
                                      initial_state=None if cache is None else cache.state(),
-                                     chunk_size=cfg.resolved_chunk_size, seq_idx=seq_idx)
+                                     chunk_size=cfg.resolved_chunk_size, seq_idx=seq_idx, need_state=cache is not None)
         if cache is not None:
             cache.update(state)
         return y[:, :, None]  # (B, T, 1, H, P)
 
     def _gate(self, y: torch.Tensor, z: torch.Tensor, fused: bool) -> torch.Tensor:
         """(B, T, R, H, P) SSM output and (B, T, H, P) gate -> (B, T, H, P) (``gate_output``)."""
-        return (_compiled(gate_output) if fused else gate_output)(
+        return (compiled(gate_output) if fused else gate_output)(
             y, z, getattr(self, "out_norm_weight", None), self.cfg.norm_eps, getattr(self, "mimo_z", None),
             getattr(self, "mimo_o", None))

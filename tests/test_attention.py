@@ -113,3 +113,41 @@ def test_rotation_frequencies_stay_float32_when_the_model_is_cast():
         assert torch.equal(getattr(layer, name), want), name
         y = layer.to(torch.bfloat16)(torch.randn(2, 5, 64, dtype=torch.bfloat16))
         assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_rope_compiles_whole_and_matches_eager():
+    """The RoPE function the layer compiles on CUDA traces as one graph (no breaks) and equals its eager self,
+    values and gradients, on strided (transposed) bf16 q / k as the layer passes them (CPU compiler here)."""
+    from hybrid.layers.attention import rope_qk
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 4, 16, generator=g).bfloat16().transpose(1, 2).requires_grad_()  # (B, H, T, D) view
+    k = torch.randn(2, 7, 2, 16, generator=g).bfloat16().transpose(1, 2).requires_grad_()
+    angles = torch.arange(7.0)[:, None] * torch.rand(8, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    eager, fused = rope_qk(q, k, cos, sin), torch.compile(rope_qk, fullgraph=True)(q, k, cos, sin)
+    for a, b in zip(eager, fused):
+        assert b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), rtol=8e-3, atol=8e-3)
+    dq = torch.randn(q.shape, generator=g).bfloat16()
+    grads = [torch.autograd.grad((o[0].float() * dq).sum() + o[1].float().sum(), [q, k]) for o in (eager, fused)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b.float(), a.float(), rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_rope_matches_eager():
+    """On CUDA the layer rotates q and k through torch.compile; outputs and every parameter gradient equal the
+    eager layer's (bf16 autocast, as in training)."""
+    torch.manual_seed(0)
+    fused = Attention(256, AttentionConfig(num_heads=4, fused_elementwise=True)).cuda()
+    eager = Attention(256, AttentionConfig(num_heads=4, fused_elementwise=False)).cuda()
+    eager.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 300, 256, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        out_f, out_e = fused(x), eager(x)
+    torch.testing.assert_close(out_f.float(), out_e.float(), rtol=2e-2, atol=2e-3)
+    out_f.float().square().mean().backward()
+    out_e.float().square().mean().backward()
+    for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(pf.grad, pe.grad, rtol=2e-2, atol=1e-4, msg=name)

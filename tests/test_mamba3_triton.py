@@ -192,6 +192,26 @@ def test_backward_kernels_match_reference_gradients(case):
     assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors
 
 
+def test_no_final_state_when_not_needed():
+    """need_state=False (training without a cache) returns no state, and the same output and input gradients
+    as a call whose final state goes unused."""
+    from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
+
+    inp, _ = make(T=37)
+    names = [k for k, v in inp.items() if v is not None]
+    results = []
+    for need_state in (True, False):
+        leaves = {k: v.float().clone().requires_grad_() if v is not None else None for k, v in inp.items()}
+        y, state = mamba3_siso_chunk(**leaves, chunk_size=16, need_state=need_state)
+        assert (state is None) == (not need_state)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum(), [leaves[k] for k in names])
+        results.append((y, grads))
+    (y_a, g_a), (y_b, g_b) = results
+    assert torch.equal(y_a, y_b)
+    for name, a, b in zip(names, g_a, g_b):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("rotation", ["data_dependent", "data_independent", "none"])
 def test_layer_triton_backend_matches_torch(rotation):
     """The Mamba-3 layer with backend=triton (interpreter on CPU) equals backend=torch: forward, prefill + decode."""

@@ -28,20 +28,22 @@ _INPUTS = ("q", "k", "v", "log_decay", "dt", "lam", "omega", "q_bias", "k_bias",
 class _SisoChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, angle, ssm, k_prev, v_prev, angle_dt, chunk_size,
-                seq_idx):
+                seq_idx, need_state):
         init = None if angle is None else Mamba3State(angle, ssm, k_prev, v_prev)
         y, state, saved = chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, init, chunk_size,
-                                        seq_idx)
+                                        seq_idx, need_state)
         tensors = {key: val for key, val in saved.items() if torch.is_tensor(val)}
         ctx.names = list(tensors)
         ctx.flags = {key: val for key, val in saved.items() if not torch.is_tensor(val) and val is not None}
         ctx.save_for_backward(*tensors.values())
         ctx.dtypes = [None if t is None else t.dtype for t in (q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D)]
         ctx.init_dtypes = None if init is None else (ssm.dtype, k_prev.dtype, v_prev.dtype)
-        ctx.mark_non_differentiable(state.angle)
-        # Outputs nobody uses (the final state, in training) get None, not zero tensors that the backward would then
-        # carry through its final-state terms, including a copy of the (B, T, H, P) dx.
+        # Outputs nobody uses (the final state, when a caller asks for it without a cache) get None, not zero tensors
+        # that the backward would then carry through its final-state terms, including a copy of the (B, T, H, P) dx.
         ctx.set_materialize_grads(False)
+        if state is None:
+            return y, None, None, None, None
+        ctx.mark_non_differentiable(state.angle)
         return y, state.angle, state.ssm, state.k, state.v.clone()  # v is a view of an input: clone it
 
     @staticmethod
@@ -58,16 +60,18 @@ class _SisoChunk(torch.autograd.Function):
         init = [None, None, None, None]
         if ctx.init_dtypes is not None:
             init = [None, *(g[name].to(dtype) for name, dtype in zip(("ssm0", "k0", "v0"), ctx.init_dtypes))]
-        return (*out, *init, None, None, None)
+        return (*out, *init, None, None, None, None)
 
 
 def mamba3_siso_chunk(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,
                       initial_state: Mamba3State | None = None, chunk_size: int = 64,
-                      seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, Mamba3State]:
-    """Mamba-3 SISO chunked scan with Triton forward and backward kernels."""
+                      seq_idx: torch.Tensor | None = None, need_state: bool = True) -> tuple[torch.Tensor, Mamba3State | None]:
+    """Mamba-3 SISO chunked scan with Triton forward and backward kernels. ``need_state=False`` (training without
+    a cache) skips assembling the final state and returns None in its place."""
     st = initial_state if initial_state is not None else (None, None, None, None)
-    y, *state = _SisoChunk.apply(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, *st, angle_dt, chunk_size, seq_idx)
-    return y, Mamba3State(*state)
+    y, *state = _SisoChunk.apply(q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, *st, angle_dt, chunk_size, seq_idx,
+                                 need_state)
+    return y, (Mamba3State(*state) if need_state else None)
 
 
 def mamba3_siso_reference(q, k, v, log_decay, dt, lam, omega=None, angle_dt=True, q_bias=None, k_bias=None, D=None,

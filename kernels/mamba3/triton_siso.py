@@ -385,8 +385,10 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     return y, state
 
 
-def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None):
-    """The forward launches; also returns what the backward needs (a dict of tensors and flags)."""
+def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,
+                  need_state=True):
+    """The forward launches; also returns what the backward needs (a dict of tensors and flags). Without
+    ``need_state`` (training: no cache) the final state is not assembled and comes back as None."""
     Bsz, T, G, N = q.shape
     H, P = v.shape[2:]
     C = chunk_size
@@ -434,17 +436,19 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
                                          seq, g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
                                          HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
 
-    # Final cache: last token's biased key rotated with its own angle, and its raw value.
-    k_last = k_nat[:, -1].float().repeat_interleave(H // G, dim=1)  # (B, H, N)
-    if k_bias is not None:
-        k_last = k_last + k_bias.float()
-    if S:
-        k_last = rotate(k_last, theta_final.cos().float(), theta_final.sin().float(), "interleaved")
-    state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
+    state = None
+    if need_state:  # final cache: last token's biased key rotated with its own angle, and its raw value
+        k_last = k_nat[:, -1].float().repeat_interleave(H // G, dim=1)  # (B, H, N)
+        if k_bias is not None:
+            k_last = k_last + k_bias.float()
+        if S:
+            k_last = rotate(k_last, theta_final.cos().float(), theta_final.sin().float(), "interleaved")
+        state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
     ctx = dict(q=q, k=k, v=v, log_decay=log_decay, dt=dt, lam=lam, om=om, qb=qb, kb=kb, D=D if D is not None else dt,
                theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last, strides=strides,
                seq=seq_idx, chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,
-               has_kb=k_bias is not None, has_d=D is not None, has_init=initial_state is not None, k_last=state.k,
+               has_kb=k_bias is not None, has_d=D is not None, has_init=initial_state is not None,
+               k_last=None if state is None else state.k,
                v0=None if initial_state is None else initial_state.v, k0=None if initial_state is None else initial_state.k)
     return y, state, ctx
 

@@ -399,8 +399,10 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     # The [even | odd] layout is a fixed channel permutation: it commutes with the sums over heads and over
     # (B, T), so sum first and permute only the small results (the per-head tensors are 0.5 GB each at 8 x 4k).
     grads: dict[str, torch.Tensor | None] = {
-        "q": _from_eo(dqh.view(Bsz, T, G, hpg, N).sum(3, dtype=torch.float32)),
-        "k": _from_eo(dkh.view(Bsz, T, G, hpg, N).sum(3, dtype=torch.float32)),
+        # Summed straight into q's / k's type (the reduction accumulates in fp32 and rounds once, as the cast to
+        # that type did after it), so with 16-bit inputs the permutation moves 16-bit values.
+        "q": _from_eo(dqh.view(Bsz, T, G, hpg, N).sum(3, dtype=q.dtype)),
+        "k": _from_eo(dkh.view(Bsz, T, G, hpg, N).sum(3, dtype=k.dtype)),
         "q_bias": _from_eo(dqb_part.sum((0, 1))) if has_qb else None,
         "k_bias": dk_bias,
         "D": dd_part.sum((0, 1)) if has_d else None,
