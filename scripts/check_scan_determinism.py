@@ -1,12 +1,12 @@
 """Every launch config of the Mamba-3 SISO chunk kernels, checked for finite and bit-identical results
 (a GPU diagnostic for kernel changes; it found the dk/dx miscompile logged in docs/perf-notes.md, v7).
 
-    python scripts/check_scan_determinism.py [--packed] [--kernel NAME] [--config WARPS,STAGES]
+    python scripts/check_scan_determinism.py [--packed] [--kernel NAME] [--config WARPS,STAGES[,MAXNREG]]
 
 ``--kernel`` / ``--config`` check one kernel / one config (the others then run at one fixed config each when
 HYBRID_TRITON_TUNE=fixed): a crash (illegal address) ends the process, so a driver can run each in its own.
 
-For each of the big chunk kernels and each (num_warps, num_stages) the autotuner may pick, runs
+For each chunk kernel and each (num_warps, num_stages, maxnreg) its autotuner may pick, runs
 forward + backward four times on the same bf16 inputs (with ``--packed``: several documents per row, the
 ``seq_idx`` kernels). Before each run, freed memory is filled with NaN
 so that a read of stale memory shows up. Prints the count of non-finite values and whether all runs agree.
@@ -29,11 +29,12 @@ CONFIGS = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
 class Fixed:
     """Stands in for an autotuned kernel: launches the plain kernel at one config."""
 
-    def __init__(self, kernel, num_warps: int, num_stages: int):
-        self.kernel, self.num_warps, self.num_stages = kernel, num_warps, num_stages
+    def __init__(self, kernel, num_warps: int, num_stages: int, maxnreg: int | None = None):
+        self.kernel, self.num_warps, self.num_stages, self.maxnreg = kernel, num_warps, num_stages, maxnreg
 
     def __getitem__(self, grid):
-        return lambda *a, **k: self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages)
+        cap = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return lambda *a, **k: self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages, **cap)
 
 
 def _option(name: str) -> str | None:
@@ -51,15 +52,17 @@ def main() -> None:
     inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
-    kernels = (("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw), ("_chunk_scan_bwd_dkdx", bw))
+    kernels = (("_chunk_state_fwd", fw), ("_chunk_scan_fwd", fw), ("_chunk_dstate_bwd", bw), ("_chunk_scan_bwd_dq", bw),
+               ("_chunk_scan_bwd_dkdx", bw))
     for name, module in kernels:
         if only and name != only:
             continue
         tuned = getattr(module, name + "_tuned")
         # By default the configs the kernel's autotuner may pick; --config forces one.
-        configs = forced or [(c.num_warps, c.num_stages) for c in getattr(tuned, "configs", [])] or CONFIGS
-        for warps, stages in configs:
-            setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages))
+        configs = forced or [(c.num_warps, c.num_stages, c.maxnreg) for c in getattr(tuned, "configs", [])] or CONFIGS
+        for warps, stages, *cap in configs:
+            maxnreg = cap[0] if cap else None
+            setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages, maxnreg))
             runs = []
             for _ in range(4):
                 torch.cuda.empty_cache()
@@ -70,7 +73,7 @@ def main() -> None:
                 runs.append({"y": y, **{k: v for k, v in grads.items() if v is not None}})
             bad = sum(int((~torch.isfinite(v)).sum()) for run in runs for v in run.values())
             same = all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
-            print(f"{name} warps {warps} stages {stages}: non-finite {bad}, identical {same}", flush=True)
+            print(f"{name} warps {warps} stages {stages} maxnreg {maxnreg}: non-finite {bad}, identical {same}", flush=True)
         setattr(module, name + "_tuned", tuned)
 
 

@@ -248,14 +248,17 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
-def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P")):
+def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P"),
+          capped: tuple[tuple[int, int, int], ...] = ()):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
     ``restore`` names buffers the kernel reads and rewrites in place: the tuner restores them between
-    trial runs. The interpreter (CPU tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed`` (the GPU
-    tests) compiles one config only."""
+    trial runs. ``capped`` adds (warps, stages, maxnreg) configs: a register cap that fits more programs on an
+    SM for some spills. The interpreter (CPU tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed``
+    (the GPU tests) compiles one config only."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in capped]
     if os.environ.get("HYBRID_TRITON_TUNE", "all") == "fixed":
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
@@ -265,8 +268,10 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
 
 # The packed-document variants (HAS_SEQ) are tuned apart from the plain ones.
 SISO_KEY = ("C", "N2", "P", "HAS_SEQ")
-_chunk_state_fwd_tuned = tuned(_chunk_state_fwd, key=SISO_KEY)
-_chunk_scan_fwd_tuned = tuned(_chunk_scan_fwd, key=SISO_KEY)
+# Register caps that won on an H100 at 8 x 4096 (docs/perf-notes.md, "register caps"); the big backward kernels
+# only lost with them.
+_chunk_state_fwd_tuned = tuned(_chunk_state_fwd, key=SISO_KEY, capped=((4, 2, 128),))
+_chunk_scan_fwd_tuned = tuned(_chunk_scan_fwd, key=SISO_KEY, capped=((4, 1, 168),))
 
 
 def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | None:

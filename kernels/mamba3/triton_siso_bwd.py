@@ -279,7 +279,7 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, 
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
-_chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY)
+_chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY, capped=((4, 2, 128),))
 _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
 _chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"), key=SISO_KEY)  # read, then rewritten
 
