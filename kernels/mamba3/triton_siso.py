@@ -145,12 +145,23 @@ def _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HA
 
 
 @triton.jit
+def _chunk_and_head():
+    """(chunk c, b * H + h) of this program. The grid is (chunks, B * H), but programs are numbered heads first:
+    those in flight together then share a chunk, so its group-shared q and k come from memory once and from L2
+    for the other heads. Numbered chunks first, a chunk's heads ran nc programs apart, and at long sequences
+    q and k had left L2 by the next head."""
+    n_chunks, n_heads = tl.num_programs(0), tl.num_programs(1)
+    pid = tl.program_id(1).to(tl.int64) * n_chunks + tl.program_id(0)
+    return pid // n_heads, pid % n_heads
+
+
+@triton.jit
 def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
                    HAS_SEQ: tl.constexpr):
     """What every chunk kernel starts from: its chunk c, sequence b, head h and group g (int64: offsets into
     (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches), the chunk's token
     indices, the document flags of ``_seq_flags`` (placeholders without documents) and the coefficients."""
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    c, bh = _chunk_and_head()
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)

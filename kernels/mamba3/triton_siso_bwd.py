@@ -36,6 +36,7 @@ import triton.language as tl
 from hybrid.kernels.mamba3.triton_siso import (
     SISO_KEY,
     _block_trig,
+    _chunk_and_head,
     _chunk_coeffs,
     _chunk_program,
     _chunk_scores,
@@ -228,7 +229,7 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, 
     (completed and reverse-summed)."""
     # The prologue of ``_chunk_program``, written out: through the helper this kernel (the one Triton 3.6
     # miscompiled, v7 in docs/perf-notes.md) gets another spill layout at 4 warps, not yet checked on a GPU.
-    c, bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    c, bh = _chunk_and_head()
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
