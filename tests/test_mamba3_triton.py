@@ -285,15 +285,16 @@ def test_gpu_offsets_past_int32():
     assert torch.equal(state.ssm[-1:], state1.ssm)
 
 
-@pytest.mark.parametrize("n_angles", [8, 12])
-def test_several_column_blocks_match_reference(monkeypatch, n_angles):
+@pytest.mark.parametrize("n_angles,heads_first", [(8, False), (12, False), (12, True)])
+def test_several_column_blocks_match_reference(monkeypatch, n_angles, heads_first):
     """The chunk kernels walk the state channels in column blocks; with 8-pair blocks at d_state 32 there are
     two, the first rotated and the second plain (8 angles) or partly rotated (12): forward, state and all
-    gradients still match the float64 reference."""
+    gradients still match the float64 reference, also with programs numbered heads first (long sequences)."""
     from hybrid.kernels.mamba3 import triton_siso
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk, mamba3_siso_reference
 
     monkeypatch.setattr(triton_siso, "COL_BLOCK", 8)
+    monkeypatch.setattr(triton_siso, "HEADS_FIRST_CHUNKS", -1 if heads_first else 1 << 30)
     inp, st = make(T=27, G=2, H=4, N=32, S=n_angles)
     names = [k for k, v in inp.items() if v is not None]
 

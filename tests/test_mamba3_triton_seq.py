@@ -77,11 +77,14 @@ def test_seq_idx_matches_reference(case):
     assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors
 
 
-def test_seq_idx_several_column_blocks(monkeypatch):
-    """Packed documents with two column blocks of 8 pairs, the second partly rotated (12 angles)."""
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_seq_idx_several_column_blocks(monkeypatch, heads_first):
+    """Packed documents with two column blocks of 8 pairs, the second partly rotated (12 angles); programs
+    numbered chunks first and heads first."""
     from hybrid.kernels.mamba3 import triton_siso
 
     monkeypatch.setattr(triton_siso, "COL_BLOCK", 8)
+    monkeypatch.setattr(triton_siso, "HEADS_FIRST_CHUNKS", -1 if heads_first else 1 << 30)
     (y, state, got), (y_ref, state_ref, want), labels = _run_both(dict(T=40, S=12), seq_from(LAYOUTS["through-and-single"]))
     _close(y, y_ref, 2e-4)
     _check_state(state, state_ref, 2e-4)

@@ -145,23 +145,25 @@ def _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HA
 
 
 @triton.jit
-def _chunk_and_head():
-    """(chunk c, b * H + h) of this program. The grid is (chunks, B * H), but programs are numbered heads first:
-    those in flight together then share a chunk, so its group-shared q and k come from memory once and from L2
-    for the other heads. Numbered chunks first, a chunk's heads ran nc programs apart, and at long sequences
-    q and k had left L2 by the next head."""
-    n_chunks, n_heads = tl.num_programs(0), tl.num_programs(1)
-    pid = tl.program_id(1).to(tl.int64) * n_chunks + tl.program_id(0)
-    return pid // n_heads, pid % n_heads
+def _chunk_and_head(HEADS_FIRST: tl.constexpr):
+    """(chunk c, b * H + h) of this program on the (chunks, B * H) grid. Numbered chunks first (launch order),
+    the heads that read one chunk's group-shared q and k run nc programs apart; at long sequences q and k
+    have left L2 by the next head. HEADS_FIRST numbers programs heads first, so a chunk's heads run together
+    and read q and k from L2. At few chunks the launch order measured faster (docs/perf-notes.md)."""
+    if HEADS_FIRST:
+        n_chunks, n_heads = tl.num_programs(0), tl.num_programs(1)
+        pid = tl.program_id(1).to(tl.int64) * n_chunks + tl.program_id(0)
+        return pid // n_heads, pid % n_heads
+    return tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
 
 
 @triton.jit
 def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
-                   HAS_SEQ: tl.constexpr):
+                   HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """What every chunk kernel starts from: its chunk c, sequence b, head h and group g (int64: offsets into
     (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches), the chunk's token
     indices, the document flags of ``_seq_flags`` (placeholders without documents) and the coefficients."""
-    c, bh = _chunk_and_head()
+    c, bh = _chunk_and_head(HEADS_FIRST)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
@@ -197,9 +199,9 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST
                      T, H, S, nc, heads_per_group,
                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                     HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
+                     HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
-        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
@@ -227,9 +229,9 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                     C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                     HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                    HAS_SEQ: tl.constexpr):
+                    HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
-        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
@@ -278,7 +280,7 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
 
 
 # The packed-document variants (HAS_SEQ) are tuned apart from the plain ones.
-SISO_KEY = ("C", "N2", "P", "HAS_SEQ")
+SISO_KEY = ("C", "N2", "P", "HAS_SEQ", "HEADS_FIRST")
 # Register caps that won on an H100 at 8 x 4096 (docs/perf-notes.md, "register caps"); the big backward kernels
 # only lost with them.
 _chunk_state_fwd_tuned = tuned(_chunk_state_fwd, key=SISO_KEY, capped=((4, 2, 128),))
@@ -304,11 +306,18 @@ def unsupported_reason(d_state: int, headdim: int, chunk_size: int) -> str | Non
 COL_BLOCK = 32
 
 
-def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, angle_dt: bool, has_seq: bool = False) -> dict:
+# Above this many chunks per sequence the chunk kernels number their programs heads first (``_chunk_and_head``):
+# on an H100 that took 0.5-1.7 ms off f+b at 2 x 16k and 1 x 64k, and cost 0.16 ms at 8 x 4k (64 chunks).
+HEADS_FIRST_CHUNKS = 128
+
+
+def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, angle_dt: bool, has_seq: bool = False,
+                 n_chunks: int = 0) -> dict:
     """Compile-time shape flags shared by the chunk kernels (forward and backward)."""
     n2 = d_state // 2
     nb = min(COL_BLOCK, n2)
-    return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt, HAS_SEQ=has_seq)
+    return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt, HAS_SEQ=has_seq,
+                HEADS_FIRST=n_chunks > HEADS_FIRST_CHUNKS)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -435,7 +444,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
                dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1), seq.stride(0))
-    flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None)
+    flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
     _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
                                           T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 

@@ -62,9 +62,9 @@ def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
                       T, H, S, nc, heads_per_group,
                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
+                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
-        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     dtype = DY.dtype.element_ty
@@ -111,11 +111,12 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HEADS_FIRST: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, and the query half of d angle."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
-        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
@@ -223,13 +224,13 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, 
                          s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                          C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                          HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                         HAS_SEQ: tl.constexpr):
+                         HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Key/value side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), dx, the
     local-state terms, d log-decay (reverse cumulative sum of everything d cs), d scale, d D, and d angle
     (completed and reverse-summed)."""
     # The prologue of ``_chunk_program``, written out: through the helper this kernel (the one Triton 3.6
     # miscompiled, v7 in docs/perf-notes.md) gets another spill layout at 4 warps, not yet checked on a GPU.
-    c, bh = _chunk_and_head()
+    c, bh = _chunk_and_head(HEADS_FIRST)
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
@@ -333,7 +334,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     strides = ctx["strides"]
     seq_idx = ctx.get("seq")
     seq = seq_idx if seq_idx is not None else dt  # never read without HAS_SEQ
-    flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt, seq_idx is not None)
+    flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt, seq_idx is not None, nc)
 
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], seq, dy, dg_in, T, H, S, nc,
