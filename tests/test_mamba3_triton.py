@@ -326,3 +326,16 @@ def test_angle_grads_match_einsum(B, T, H, S):
     d_omega, d_dt = angle_grads(dinc, dt, om)
     torch.testing.assert_close(d_omega, torch.einsum("bths,bth->bts", dinc, dt), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_dt, torch.einsum("bths,bts->bth", dinc, om), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (1, 33, 4, 2), (2, 1030, 3), (1, 100)])
+def test_blocked_cumsum_equals_cumsum(shape):
+    """The two-level cumsum over chunks (angle offsets, their gradient) equals torch.cumsum, values and gradients,
+    with n below, at and past the block and not a multiple of it."""
+    from hybrid.kernels.mamba3.triton_siso import cumsum_dim1
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    got, want = cumsum_dim1(x), x.cumsum(1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn(want.shape, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((got * g).sum(), x)[0], torch.autograd.grad((want * g).sum(), x)[0])

@@ -347,10 +347,25 @@ def seq_chunks(seq_idx: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, to
     return seq, prev, last
 
 
+def cumsum_dim1(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``x.cumsum(1)`` for x (B, n, ...) over chunks, as two short scans: within blocks of ``block`` steps, then
+    over the block totals. A scan along an outer dim walks its length one dependent step at a time: over the
+    1024 chunks of a 64k sequence that took ~0.2 ms on an H100 for a few MB of data."""
+    n = x.shape[1]
+    if n <= block:
+        return x.cumsum(1)
+    nb = -(-n // block)
+    pad = [0, 0] * (x.ndim - 2) + [0, nb * block - n]
+    inner = torch.nn.functional.pad(x, pad).view(x.shape[0], nb, block, *x.shape[2:]).cumsum(2)
+    ends = inner[:, :, -1]
+    inner = inner + (ends.cumsum(1) - ends)[:, :, None]  # plus everything before the block
+    return inner.view(x.shape[0], nb * block, *x.shape[2:])[:, :n]
+
+
 def restart_cumsum(vals: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
     """out_c = vals_c + (0 if restart_c else out_{c-1}) along dim 1, without a loop: vals (B, n, ...), restart (B, n)."""
     Bsz, n = restart.shape
-    cum = vals.cumsum(1)
+    cum = cumsum_dim1(vals)
     idx = torch.arange(n, device=vals.device).expand(Bsz, n)
     first = torch.where(restart, idx, torch.zeros_like(idx)).cummax(1).values  # last restart at or before c (0 if none)
     first = first.view(Bsz, n, *([1] * (vals.ndim - 2))).expand_as(vals)
@@ -383,7 +398,7 @@ def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, 
         inc = torch.einsum("bct,bcts->bcs", to_end, om)[:, :, None, :].expand(Bsz, nc, heads, S)
     start = torch.zeros(Bsz, heads, S, dtype=torch.float64, device=dt.device) if theta0 is None else theta0.double()
     if seq_idx is None:
-        total = start[:, None] + inc.cumsum(1)  # (B, nc, H, S) angle after each chunk
+        total = start[:, None] + cumsum_dim1(inc)  # (B, nc, H, S) angle after each chunk
     else:
         restart = torch.cat([torch.ones_like(last[:, :1], dtype=torch.bool), last != prev], dim=1)
         total = restart_cumsum(torch.cat([start[:, None], inc], dim=1), restart)[:, 1:]

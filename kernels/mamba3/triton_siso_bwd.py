@@ -48,6 +48,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     _seq_flags,
     _to_eo,
     _unrotate,
+    cumsum_dim1,
     kernel_flags,
     restart_cumsum,
     seq_chunks,
@@ -431,7 +432,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         tot = dtheta_tot[..., :S]  # (B, nc, H, S) gradient of each chunk's entry angle
         pad = nc * C - T
         if seq_idx is None:
-            later = tot.flip(1).cumsum(1).flip(1) - tot  # what the chunks after c add to each increment of chunk c
+            later = cumsum_dim1(tot.flip(1)).flip(1) - tot  # what the chunks after c add to each increment of chunk c
             if dtheta_final is not None:
                 later = later + dtheta_final[:, None]  # theta_final = theta_{T-1}: every increment moves it
         else:
