@@ -327,13 +327,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _to_eo(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) natural channel order -> [even | odd] halves."""
-    return torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+    """(..., N) natural channel order -> [even | odd] halves, as one strided copy (on an H100 ~25% faster than a
+    cat of the two strided halves)."""
+    return t.unflatten(-1, (-1, 2)).transpose(-1, -2).reshape(t.shape)
 
 
 def _from_eo(t: torch.Tensor) -> torch.Tensor:
-    half = t.shape[-1] // 2
-    return torch.stack([t[..., :half], t[..., half:]], dim=-1).flatten(-2)
+    """Inverse of ``_to_eo``."""
+    return t.unflatten(-1, (2, -1)).transpose(-1, -2).reshape(t.shape)
 
 
 def seq_chunks(seq_idx: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -352,7 +353,7 @@ def cumsum_dim1(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     over the block totals. A scan along an outer dim walks its length one dependent step at a time: over the
     1024 chunks of a 64k sequence that took ~0.2 ms on an H100 for a few MB of data."""
     n = x.shape[1]
-    if n <= block:
+    if n <= 4 * block:  # a short scan is one small kernel; the two levels cost a few
         return x.cumsum(1)
     nb = -(-n // block)
     pad = [0, 0] * (x.ndim - 2) + [0, nb * block - n]
@@ -384,13 +385,17 @@ def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, 
     S = omega.shape[-1]
     nc = -(-T // chunk_size)
     pad = nc * chunk_size - T
-    om = torch.nn.functional.pad(omega.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, S)
+
+    def chunked(t: torch.Tensor) -> torch.Tensor:  # (B, T, X) float64, zero past T -> (B, nc, C, X)
+        return (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(Bsz, nc, chunk_size, t.shape[-1])
+
+    om = chunked(omega.double())
     to_end = None
     if seq_idx is not None:
         seq, prev, last = seq_chunks(seq_idx, chunk_size)
         to_end = (seq == last[..., None]).double()  # (B, nc, C)
     if angle_dt:  # per-chunk totals sum_t dt_t omega_t as a small float64 batched matmul (no (B, T, H, S) tensor)
-        d = torch.nn.functional.pad(dt.double(), (0, 0, 0, pad)).view(Bsz, nc, chunk_size, heads)
+        d = chunked(dt.double())
         inc = torch.einsum("bcth,bcts->bchs", d if to_end is None else d * to_end[..., None], om)
     elif to_end is None:
         inc = om.sum(2)[:, :, None, :].expand(Bsz, nc, heads, S)
