@@ -348,6 +348,14 @@ def seq_chunks(seq_idx: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, to
     return seq, prev, last
 
 
+def chunk_rows(t: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B, T, X) -> (B, chunks, chunk_size, X), zeros past T; no copy when T is a multiple of the chunk."""
+    Bsz, T, X = t.shape
+    nc = -(-T // chunk_size)
+    pad = nc * chunk_size - T
+    return (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(Bsz, nc, chunk_size, X)
+
+
 def cumsum_dim1(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """``x.cumsum(1)`` for x (B, n, ...) over chunks, as two short scans: within blocks of ``block`` steps, then
     over the block totals. A scan along an outer dim walks its length one dependent step at a time: over the
@@ -384,18 +392,13 @@ def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, 
     Bsz, T = dt.shape[:2]
     S = omega.shape[-1]
     nc = -(-T // chunk_size)
-    pad = nc * chunk_size - T
-
-    def chunked(t: torch.Tensor) -> torch.Tensor:  # (B, T, X) float64, zero past T -> (B, nc, C, X)
-        return (torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()).view(Bsz, nc, chunk_size, t.shape[-1])
-
-    om = chunked(omega.double())
+    om = chunk_rows(omega.double(), chunk_size)
     to_end = None
     if seq_idx is not None:
         seq, prev, last = seq_chunks(seq_idx, chunk_size)
         to_end = (seq == last[..., None]).double()  # (B, nc, C)
     if angle_dt:  # per-chunk totals sum_t dt_t omega_t as a small float64 batched matmul (no (B, T, H, S) tensor)
-        d = chunked(dt.double())
+        d = chunk_rows(dt.double(), chunk_size)
         inc = torch.einsum("bcth,bcts->bchs", d if to_end is None else d * to_end[..., None], om)
     elif to_end is None:
         inc = om.sum(2)[:, :, None, :].expand(Bsz, nc, heads, S)

@@ -48,6 +48,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     _seq_flags,
     _to_eo,
     _unrotate,
+    chunk_rows,
     cumsum_dim1,
     kernel_flags,
     restart_cumsum,
@@ -430,7 +431,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     grads["omega"] = None
     if has_rot:
         tot = dtheta_tot[..., :S]  # (B, nc, H, S) gradient of each chunk's entry angle
-        pad = nc * C - T
         if seq_idx is None:
             later = cumsum_dim1(tot.flip(1)).flip(1) - tot  # what the chunks after c add to each increment of chunk c
             if dtheta_final is not None:
@@ -455,15 +455,12 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         if seq_idx is None:
             # `later` is one row per chunk: contract it with the chunk's dt / omega rows instead of adding it to
             # the (B, T, H, S) gradient, which would cost two more passes over that tensor.
-            def chunked(t: torch.Tensor) -> torch.Tensor:  # (B, T, X) -> (B, nc, C, X), zero past T
-                return torch.nn.functional.pad(t, (0, 0, 0, pad)).view(Bsz, nc, C, t.shape[-1])
-
             def unchunked(t: torch.Tensor) -> torch.Tensor:  # (B, nc, C, X) -> (B, T, X)
                 return t.reshape(Bsz, nc * C, t.shape[-1])[:, :T]
 
             if angle_dt:  # later: (B, nc, H, S)
-                grads["omega"] += unchunked(torch.einsum("bchs,bcih->bcis", later, chunked(dtf)))
-                d_dt += unchunked(torch.einsum("bchs,bcis->bcih", later, chunked(omf)))
+                grads["omega"] += unchunked(torch.einsum("bchs,bcih->bcis", later, chunk_rows(dtf, C)))
+                d_dt += unchunked(torch.einsum("bchs,bcis->bcih", later, chunk_rows(omf, C)))
             else:
                 grads["omega"] += unchunked(later.sum(2)[:, :, None].expand(Bsz, nc, C, S))
         else:
