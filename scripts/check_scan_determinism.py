@@ -14,6 +14,8 @@ so that a read of stale memory shows up. Prints the count of non-finite values a
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 
 import torch
@@ -29,12 +31,17 @@ CONFIGS = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
 class Fixed:
     """Stands in for an autotuned kernel: launches the plain kernel at one config."""
 
-    def __init__(self, kernel, num_warps: int, num_stages: int, maxnreg: int | None = None):
+    def __init__(self, kernel, num_warps: int, num_stages: int, maxnreg: int | None = None, mma_sync: bool = False):
         self.kernel, self.num_warps, self.num_stages, self.maxnreg = kernel, num_warps, num_stages, maxnreg
+        self.mma_sync = mma_sync  # compiled as the tuned kernel is (fw.MmaSync: without wgmma)
 
     def __getitem__(self, grid):
         cap = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
-        return lambda *a, **k: self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages, **cap)
+
+        def run(*a, **k):
+            with fw.mma_sync_compile() if self.mma_sync else contextlib.nullcontext():
+                self.kernel[grid](*a, **k, num_warps=self.num_warps, num_stages=self.num_stages, **cap)
+        return run
 
 
 def _option(name: str) -> str | None:
@@ -53,16 +60,18 @@ def main() -> None:
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
     kernels = (("_chunk_state_fwd", fw), ("_chunk_scan_fwd", fw), ("_chunk_dstate_bwd", bw), ("_chunk_scan_bwd_dq", bw),
-               ("_chunk_scan_bwd_dkdx", bw))
+               ("_chunk_scan_bwd_dx", bw), ("_chunk_scan_bwd_dk", bw))
     for name, module in kernels:
         if only and name != only:
             continue
         tuned = getattr(module, name + "_tuned")
         # By default the configs the kernel's autotuner may pick; --config forces one.
-        configs = forced or [(c.num_warps, c.num_stages, c.maxnreg) for c in getattr(tuned, "configs", [])] or CONFIGS
+        # (Under HYBRID_TRITON_TUNE=fixed the tuner holds one config: check the full set then.)
+        tuner_configs = [] if os.environ.get("HYBRID_TRITON_TUNE") == "fixed" else getattr(tuned, "configs", [])
+        configs = forced or [(c.num_warps, c.num_stages, c.maxnreg) for c in tuner_configs] or CONFIGS
         for warps, stages, *cap in configs:
             maxnreg = cap[0] if cap else None
-            setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages, maxnreg))
+            setattr(module, name + "_tuned", Fixed(getattr(module, name), warps, stages, maxnreg, isinstance(tuned, fw.MmaSync)))
             runs = []
             for _ in range(4):
                 torch.cuda.empty_cache()

@@ -4,7 +4,7 @@
 #   bash scripts/diag_scan_kernels.sh [--packed]
 cd "$(dirname "$0")/.."
 export HYBRID_TRITON_TUNE=fixed CUDA_LAUNCH_BLOCKING=1 PACKED=${1:-}
-for k in _chunk_scan_fwd _chunk_scan_bwd_dq _chunk_scan_bwd_dkdx; do
+for k in _chunk_scan_fwd _chunk_scan_bwd_dq _chunk_scan_bwd_dx _chunk_scan_bwd_dk; do
   for c in 4,1 4,2 4,3 8,1 8,2 8,3; do
     echo "$k $c"
   done

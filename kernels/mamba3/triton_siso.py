@@ -28,6 +28,7 @@ chunk a segmented cumulative sum (the plain one less a gathered per-document bas
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -124,6 +125,24 @@ def _rotated_pairs(PTR, BIAS, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_t, b, 
                                HAS_SEQ)
         e, o = _rotate(e, o, cos, sin)
     return e, o
+
+
+@triton.jit
+def _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot, seq, enter,
+              N: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ROT: tl.constexpr, ANGLE_DT: tl.constexpr,
+              HAS_SEQ: tl.constexpr):
+    """Pairs ``nb`` of q and k of one chunk and head, biased and (when ROT) rotated. q and k of a token share its
+    angle, so the block's cos / sin (a cumulative sum and two transcendentals per element) are taken once for
+    both; they are returned for the backward's un-rotation (meaningless when not ROT)."""
+    qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, N, HAS_QB)
+    kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, N, HAS_KB)
+    cos, sin = qE, qO
+    if ROT:
+        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
+                               HAS_SEQ)
+        qE, qO = _rotate(qE, qO, cos, sin)
+        kE, kO = _rotate(kE, kO, cos, sin)
+    return qE, qO, kE, kO, cos, sin
 
 
 @triton.jit
@@ -261,13 +280,49 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
     tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
+@contextlib.contextmanager
+def mma_sync_compile():
+    """Within this block Triton compiles matmuls for Hopper as mma.sync instead of wgmma (it reads
+    DISABLE_MMA_V3 when it compiles, and the variable is part of its disk-cache key). Triton 3.6's wgmma path
+    faults on some of the chunk kernels (probabilistic illegal addresses, non-finite values: docs/perf-notes.md,
+    v7 and v8); those kernels are exact with mma.sync. Launches of an already compiled kernel are unaffected."""
+    before = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DISABLE_MMA_V3"]
+        else:
+            os.environ["DISABLE_MMA_V3"] = before
+
+
+class MmaSync:
+    """An autotuned kernel whose every config is compiled under ``mma_sync_compile`` (its compiles happen
+    inside its launches). Indexed by a grid as the kernel is; other attributes are the autotuner's."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with mma_sync_compile():
+                return launch(*args, **kwargs)
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
 def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P"),
-          capped: tuple[tuple[int, int, int], ...] = ()):
+          capped: tuple[tuple[int, int, int], ...] = (), mma_sync: bool = False):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
     ``restore`` names buffers the kernel reads and rewrites in place: the tuner restores them between
     trial runs. ``capped`` adds (warps, stages, maxnreg) configs: a register cap that fits more programs on an
-    SM for some spills. The interpreter (CPU tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed``
-    (the GPU tests) compiles one config only."""
+    SM for some spills. ``mma_sync`` compiles the kernel without Hopper's wgmma (``MmaSync``). The interpreter
+    (CPU tests) runs the kernel as written; ``HYBRID_TRITON_TUNE=fixed`` (the GPU tests) compiles one config only."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
@@ -276,7 +331,8 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
         configs = [triton.Config({}, num_warps=8, num_stages=1)]
-    return triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
+    autotuned = triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
+    return MmaSync(autotuned) if mma_sync else autotuned
 
 
 # The packed-document variants (HAS_SEQ) are tuned apart from the plain ones.

@@ -5,16 +5,18 @@ Forward per chunk (``triton_siso.py``), with rotated q, k and in-chunk cumulativ
     y_j     = sum_{i<j} e^{cs_j - cs_i} scale_i (q_j.k_i) x_i + gamma_j (q_j.k_j) x_j + e^{cs_j} G_c q_j + D x_j
     G_{c+1} = e^{cs_last} G_c + sum_i e^{cs_last - cs_i} scale_i x_i k_i^T
 
-Backward, four launches mirroring the forward:
+Backward, five launches mirroring the forward:
 
     1. _chunk_dstate_bwd  grid (chunks, B*H)   dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
     2. state_passing_bwd  (triton_state_passing.py) reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
                                                into each chunk's local state; partial sums of d cs_last
     3. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
                                                inter terms of d log-decay, d scale, d gamma, d angle
-    4. _chunk_scan_bwd_dkdx (same grid)        key/value side: dk, dx, local-state terms; completes d log-decay
-                                               and d angle (reverse cumulative sums). Two kernels rather than
-                                               one keep fewer (C, C) and (C, N/2) tiles live per program.
+    4. _chunk_scan_bwd_dx (same grid)          value side: dx, d D
+    5. _chunk_scan_bwd_dk (same grid)          key side: dk, local-state terms; completes d log-decay and d angle
+                                               (reverse cumulative sums). Three kernels rather than one keep fewer
+                                               (C, C) and (C, N/2) tiles live per program (the fused key/value
+                                               kernel spilled ~110 registers a thread).
 
 PyTorch glue (``mamba3_siso_chunk_bwd``) sums per-head q/k gradients into their groups and biases, turns
 d scale / d gamma into d dt / d lambda, and d angle into d omega / d dt with a reverse cumulative sum
@@ -36,16 +38,14 @@ import triton.language as tl
 from hybrid.kernels.mamba3.triton_siso import (
     SISO_KEY,
     _block_trig,
-    _chunk_and_head,
-    _chunk_coeffs,
     _chunk_program,
     _chunk_scores,
     _from_eo,
     _load_pairs,
+    _qk_pairs,
     _rotate,
     _rotated_pairs,
     _seg_rcumsum,
-    _seq_flags,
     _to_eo,
     _unrotate,
     chunk_rows,
@@ -173,105 +173,114 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
 
 
 @triton.jit
-def _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
-                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off, seq, enter,
-                N2: tl.constexpr, NB: tl.constexpr, ROT: tl.constexpr, HAS_QB: tl.constexpr, HAS_KB: tl.constexpr,
-                ANGLE_DT: tl.constexpr, dtype: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """One column block of the key side: its dk (stored), its share of dx and of d scale, and d angle."""
-    nb = j * NB + tl.arange(0, NB)
-    qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
-    kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
-    if ROT:
-        cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
-                               HAS_SEQ)
-        qE, qO = _rotate(qE, qO, cos, sin)
-        kE, kO = _rotate(kE, kO, cos, sin)
-    dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
-    dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
-    dx += e[:, None] * (tl.dot(kE.to(dtype), tl.trans(dLE)) + tl.dot(kO.to(dtype), tl.trans(dLO)))
-    xdLE = tl.dot(x, dLE)  # (C, NB)
-    xdLO = tl.dot(x, dLO)
-    m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end
-    dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
-    dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
-    if ROT:
-        smask = nb < S
-        th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
-        th_mask = tmask[:, None] & smask[None, :]
-        dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
-        # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
-        # (each chunk's entry-angle gradient added to all earlier chunks) in the glue.
-        if HAS_SEQ:
-            # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
-            # reaches the ``enter`` tokens.
-            tl.store(DTHETA + th_off, _seg_rcumsum(dth, seq), mask=th_mask)
-            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, tl.sum(dth * enter[:, None], axis=0), mask=smask)
-        else:
-            total = tl.sum(dth, axis=0)
-            tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
-            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
-        dkE, dkO = _unrotate(dkE, dkO, cos, sin)
-    tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
-    tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
-    if HAS_KB:
-        tl.store(part + nb, tl.sum(dkE, axis=0))
-        tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
-    return dx, m_loc
+def _chunk_scan_bwd_dx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DY, DX, DD_PART,
+                       T, H, S, nc, heads_per_group,
+                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
+                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """Value side of chunk c: dx_i = sum_j w_ji (k_i . q_j) dy_j + e_i k_i dL^T + D dy_i, and d D.
+
+    Key-major (rows are keys i, columns queries j), so no (C, C) tile is transposed in registers. One walk over
+    the column blocks takes both the scores and k dL^T from each rotated block."""
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
+    p = tl.arange(0, P)
+    base = b * s_kb + g * s_kg
+    dtype = X.dtype.element_ty
+    lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
+    scores_t = tl.zeros((C, C), dtype=tl.float32)  # k_i . q_j
+    kdl = tl.zeros((C, P), dtype=tl.float32)  # k_i dL^T, dL the gradient of the chunk's local state
+    for j in tl.static_range(N2 // NB):
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
+                                             S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
+                                             HAS_SEQ)
+        kE, kO = kE.to(dtype), kO.to(dtype)
+        scores_t += tl.dot(kE, tl.trans(qE.to(dtype)))
+        scores_t += tl.dot(kO, tl.trans(qO.to(dtype)))
+        kdl += tl.dot(kE, tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)))
+        kdl += tl.dot(kO, tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)))
+    # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
+    e = tl.where(tmask, tl.exp(tl.min(cs, axis=0) - cs), 0.0) * scale
+    if HAS_SEQ:
+        e = e * to_end  # only the document still open at the chunk's end enters the local state
+    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
+    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0)
+    w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
+    dx = tl.dot((scores_t * w_t).to(dtype), dy.to(dtype)) + e[:, None] * kdl  # (C, P)
+    if HAS_D:
+        dyf = dy.to(tl.float32)
+        dx += tl.load(D + h).to(tl.float32) * dyf
+        x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dyf, axis=1), axis=0))
+    tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
-def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
-                         DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DX, DA, DTHETA_TOT, DD_PART,
-                         T, H, S, nc, heads_per_group,
-                         s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
-                         C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                         HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                         HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    """Key/value side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), dx, the
-    local-state terms, d log-decay (reverse cumulative sum of everything d cs), d scale, d D, and d angle
-    (completed and reverse-summed)."""
-    # The prologue of ``_chunk_program``, written out: through the helper this kernel (the one Triton 3.6
-    # miscompiled, v7 in docs/perf-notes.md) gets another spill layout at 4 warps, not yet checked on a GPU.
-    c, bh = _chunk_and_head(HEADS_FIRST)
-    b, h = bh // H, bh % H
-    g = h // heads_per_group
-    t = c * C + tl.arange(0, C)
-    tmask = t < T
-    seq, enter = tmask, tmask  # placeholders without document boundaries
-    if HAS_SEQ:
-        seq, enter, open_end, through = _seq_flags(SEQ, b, c, t, T, s_sb, C)
-    cs, scale, gamma, dt = _chunk_coeffs(A, DT, LAM, SEQ, b, h, t, tmask, T, s_ab, s_at, s_ah, s_sb, HAS_SEQ)
+def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
+                       DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
+                       T, H, S, nc, heads_per_group,
+                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                       C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HEADS_FIRST: tl.constexpr):
+    """Key side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), the local-state terms,
+    d log-decay (reverse cumulative sum of everything d cs), d scale, and d angle (completed and reverse-summed).
+    Runs after ``_chunk_scan_bwd_dq``, whose d cs, d scale and d angle it completes in place."""
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
     x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
     dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
-    # Key-major: rows are keys i, columns queries j, so no (C, C) tile is transposed in registers.
-    scores_t = _chunk_scores(K, Q, KB, QB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
-                             seq, enter, C, N2, NB, ROT_BLOCKS, HAS_KB, HAS_QB, ANGLE_DT, dtype, HAS_SEQ)  # k_i . q_j
     w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
-    dx = tl.dot((scores_t * w_t).to(dtype), dy)  # (C, P)
     a1t = (tl.dot(x, tl.trans(dy)) * w_t).to(dtype)  # [key i, query j] of (dy_j . x_i) w_ji
 
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     cs_last = tl.min(cs, axis=0)
-    to_end = tl.where(tmask, tl.exp(cs_last - cs), 0.0)
+    to_end_w = tl.where(tmask, tl.exp(cs_last - cs), 0.0)
     if HAS_SEQ:
-        to_end = to_end * open_end  # only the document still open at the chunk's end enters the local state
-    e = to_end * scale
+        to_end_w = to_end_w * to_end  # only the document still open at the chunk's end enters the local state
+    e = to_end_w * scale
     m_loc = tl.zeros((C,), dtype=tl.float32)  # d scale_i from the local state, over all channel blocks
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
     qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DKB_PART + ((b * nc + c) * H + h) * 2 * N2
     for j in tl.static_range(N2 // NB):
-        dx, m_loc = _dkdx_block(j, Q, K, QB, KB, OMEGA, THETA_OFF, lbase, DTHETA, DKH, part, DTHETA_TOT, dt, t, tmask,
-                                base, s_kt, b, c, h, nc, H, T, S, s_ob, s_ot, x, a1t, e, to_end, dx, m_loc, p, qk_off,
-                                seq, enter, N2, NB, j < ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
-    if HAS_D:
-        dyf = dy.to(tl.float32)
-        dx += tl.load(D + h).to(tl.float32) * dyf
-        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x.to(tl.float32) * dyf, axis=1), axis=0))
+        nb = j * NB + tl.arange(0, NB)
+        qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
+                                             S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
+                                             HAS_SEQ)
+        xdLE = tl.dot(x, tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype))  # (C, NB)
+        xdLO = tl.dot(x, tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype))
+        m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end_w
+        dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
+        dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
+        if j < ROT_BLOCKS:
+            smask = nb < S
+            th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
+            th_mask = tmask[:, None] & smask[None, :]
+            dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
+            # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
+            # (each chunk's entry-angle gradient added to all earlier chunks) in the glue.
+            if HAS_SEQ:
+                # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
+                # reaches the ``enter`` tokens.
+                tl.store(DTHETA + th_off, _seg_rcumsum(dth, seq), mask=th_mask)
+                tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, tl.sum(dth * enter[:, None], axis=0), mask=smask)
+            else:
+                total = tl.sum(dth, axis=0)
+                tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
+                tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
+            dkE, dkO = _unrotate(dkE, dkO, cos, sin)
+        tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
+        tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
+        if HAS_KB:
+            tl.store(part + nb, tl.sum(dkE, axis=0))
+            tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
 
     coef = b * s_ab + t * s_at + h * s_ah
     i = tl.arange(0, C)
@@ -280,13 +289,14 @@ def _chunk_scan_bwd_dkdx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, 
     dcs += tl.where(i == C - 1, dcs_last, 0.0)  # cs_last is cs at the chunk's end (padding adds no decay)
     tl.store(DA + coef, tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tmask)  # cs = cumsum(a)
     tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
-    tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 _chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY, capped=((4, 2, 128),))
 _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
-_chunk_scan_bwd_dkdx_tuned = tuned(_chunk_scan_bwd_dkdx, restore=("DSCALE", "DTHETA"), key=SISO_KEY)  # read, then rewritten
-
+# dx and dk compile without wgmma: Triton 3.6's wgmma path faults on them with several column blocks (illegal
+# addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block (which is exact) they ran 50% slower.
+_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, key=SISO_KEY, mma_sync=True)
+_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA"), key=SISO_KEY, mma_sync=True)
 
 @triton.jit
 def _angle_grads(DINC, DT, OM, D_OMEGA, D_DT, H, S, BT: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr):
@@ -369,15 +379,12 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
                                             ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
-    # dk/dx walks all channels as one block: Triton 3.6 on an H100 miscompiles this kernel with two or more
-    # blocks (non-finite, run-to-run different values, once an illegal address, from finite inputs, at every
-    # launch config, unrolled or as a loop; compute-sanitizer's memcheck, initcheck and racecheck see nothing).
-    # One block is exact at every config (docs/perf-notes.md, v7).
-    _chunk_scan_bwd_dkdx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                              seq, dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, dx, da, dtheta_tot,
-                                              dd_part,
-                                              *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
-                                              **dict(flags, NB=N // 2, ROT_BLOCKS=min(1, flags["ROT_BLOCKS"])))
+    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"], seq,
+                                            dlocal, dy, dx, dd_part, *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
+                                            **flags)
+    _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
+                                            dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None

@@ -1,0 +1,69 @@
+"""Quick A/B of the Triton Mamba-3 SISO scan (a diagnostic for kernel changes, not the benchmark of record).
+
+    python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--out F.json]
+
+For each shape: forward and forward+backward wall time (medians of do_bench), and the self CUDA time of every
+kernel of one profiled f+b. Run it once per variant in the same call (same machine), and compare the lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "benchmarks")
+from hybrid.kernels.mamba3.siso import mamba3_siso_chunk  # noqa: E402
+from mamba3_scan import bench, inputs  # noqa: E402
+
+
+def kernel_times(fb) -> dict[str, float]:
+    """Self CUDA ms per kernel name over one f+b."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fb()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.self_device_time_total > 0:
+            times[ev.key[:60]] = round(ev.self_device_time_total / 1e3, 4)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def measure(B: int, T: int) -> dict:
+    x = inputs(B, T, requires_grad=True)
+    dy = torch.randn_like(x["v"])
+
+    def fwd():
+        return mamba3_siso_chunk(**x, chunk_size=64)[0]
+
+    def fb():
+        fwd().backward(dy)
+
+    fb()
+    return {"fwd_ms": round(bench(fwd), 4), "fb_ms": round(bench(fb), 4), "kernels_ms": kernel_times(fb)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tag", required=True)
+    ap.add_argument("--shapes", default="8x4096,2x16384,1x65536")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    rows = []
+    for shape in args.shapes.split(","):
+        B, T = (int(v) for v in shape.split("x"))
+        row = measure(B, T)
+        rows.append({"tag": args.tag, "shape": shape, **row})
+        top = ", ".join(f"{k.split('(')[0]} {v}" for k, v in list(row["kernels_ms"].items())[:7])
+        print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms, f+b {row['fb_ms']:.3f} ms | {top}", flush=True)
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
