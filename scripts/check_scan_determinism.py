@@ -59,7 +59,7 @@ def main() -> None:
     inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
     x = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
     dy = torch.randn(2, 1000, 8, 64, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0)).bfloat16()
-    kernels = (("_chunk_state_fwd", fw), ("_chunk_scan_fwd", fw), ("_chunk_dstate_bwd", bw), ("_chunk_scan_bwd_dq", bw),
+    kernels = (("_chunk_state_fwd", fw), ("_chunk_scan_fwd", fw), ("_chunk_scan_bwd_dq", bw),
                ("_chunk_scan_bwd_dx", bw), ("_chunk_scan_bwd_dk", bw))
     for name, module in kernels:
         if only and name != only:

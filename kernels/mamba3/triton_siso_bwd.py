@@ -5,15 +5,15 @@ Forward per chunk (``triton_siso.py``), with rotated q, k and in-chunk cumulativ
     y_j     = sum_{i<j} e^{cs_j - cs_i} scale_i (q_j.k_i) x_i + gamma_j (q_j.k_j) x_j + e^{cs_j} G_c q_j + D x_j
     G_{c+1} = e^{cs_last} G_c + sum_i e^{cs_last - cs_i} scale_i x_i k_i^T
 
-Backward, five launches mirroring the forward:
+Backward, four launches mirroring the forward:
 
-    1. _chunk_dstate_bwd  grid (chunks, B*H)   dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
+    1. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
+                                               inter terms of d log-decay, d scale, d gamma, d angle, and
+                                               dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
     2. state_passing_bwd  (triton_state_passing.py) reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
                                                into each chunk's local state; partial sums of d cs_last
-    3. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
-                                               inter terms of d log-decay, d scale, d gamma, d angle
-    4. _chunk_scan_bwd_dx (same grid)          value side: dx, d D
-    5. _chunk_scan_bwd_dk (same grid)          key side: dk, local-state terms; completes d log-decay and d angle
+    3. _chunk_scan_bwd_dx (same grid)          value side: dx, d D
+    4. _chunk_scan_bwd_dk (same grid)          key side: dk, local-state terms; completes d log-decay and d angle
                                                (reverse cumulative sums). Three kernels rather than one keep fewer
                                                (C, C) and (C, N/2) tiles live per program (the fused key/value
                                                kernel spilled ~110 registers a thread).
@@ -37,14 +37,10 @@ import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.triton_siso import (
     SISO_KEY,
-    _block_trig,
     _chunk_program,
     _chunk_scores,
     _from_eo,
-    _load_pairs,
     _qk_pairs,
-    _rotate,
-    _rotated_pairs,
     _seg_rcumsum,
     _to_eo,
     _unrotate,
@@ -57,30 +53,6 @@ from hybrid.kernels.mamba3.triton_siso import (
     tuned,
 )
 from hybrid.kernels.mamba3.triton_state_passing import state_passing_bwd
-
-
-@triton.jit
-def _chunk_dstate_bwd(Q, A, DT, LAM, OMEGA, QB, THETA_OFF, SEQ, DY, DG_IN,
-                      T, H, S, nc, heads_per_group,
-                      s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
-                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                      HAS_QB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
-        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
-    p = tl.arange(0, P)
-    dy = tl.load(DY + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
-    dtype = DY.dtype.element_ty
-    ecs = tl.exp(cs)
-    if HAS_SEQ:
-        ecs = ecs * enter  # only the document open at the chunk start read the entering state
-    dye = tl.trans(dy.to(tl.float32) * ecs[:, None]).to(dtype)  # (P, C)
-    base = DG_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    for j in tl.static_range(N2 // NB):
-        nb = j * NB + tl.arange(0, NB)
-        qE, qO = _rotated_pairs(Q, QB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
-                                s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
-        tl.store(base + p[:, None] * 2 * N2 + nb[None, :], tl.dot(dye, qE.to(dtype)).to(DG_IN.dtype.element_ty))
-        tl.store(base + p[:, None] * 2 * N2 + N2 + nb[None, :], tl.dot(dye, qO.to(dtype)).to(DG_IN.dtype.element_ty))
 
 
 @triton.jit
@@ -109,14 +81,15 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 
 @triton.jit
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY,
-                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA,
+                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
                        HEADS_FIRST: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
-    decay/scale/gamma terms of the intra and inter parts, and the query half of d angle."""
+    decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
+    ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks)."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -140,20 +113,20 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
     if HAS_SEQ:
         ecs = ecs * enter  # only the document open at the chunk start read the entering state
     gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
+    dgbase = DG_IN + ((b * nc + c) * H + h) * P * 2 * N2
+    dye = tl.trans(dy.to(tl.float32) * ecs[:, None]).to(dtype)  # (P, C)
     qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DQB_PART + ((b * nc + c) * H + h) * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
-        qE, qO = _load_pairs(Q, QB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_QB)
-        kE, kO = _load_pairs(K, KB, t, tmask, nb, base, s_kt, h, 2 * N2, HAS_KB)
-        if j < ROT_BLOCKS:
-            cos, sin = _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT,
-                                   HAS_SEQ)
-            qE, qO = _rotate(qE, qO, cos, sin)
-            kE, kO = _rotate(kE, kO, cos, sin)
+        qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
+                                             S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
+                                             HAS_SEQ)
         dyGE = tl.dot(dy, tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype))  # (C, NB): rows of dy^T G
         dyGO = tl.dot(dy, tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype))
         dcs += ecs * (tl.sum(dyGE * qE, axis=1) + tl.sum(dyGO * qO, axis=1))  # inter part
+        tl.store(dgbase + p[:, None] * 2 * N2 + nb[None, :], tl.dot(dye, qE.to(dtype)).to(DG_IN.dtype.element_ty))
+        tl.store(dgbase + p[:, None] * 2 * N2 + N2 + nb[None, :], tl.dot(dye, qO.to(dtype)).to(DG_IN.dtype.element_ty))
         dqE = tl.dot(a1, kE.to(dtype)) + ecs[:, None] * dyGE
         dqO = tl.dot(a1, kO.to(dtype)) + ecs[:, None] * dyGO
         if j < ROT_BLOCKS:
@@ -291,7 +264,6 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
 
 
-_chunk_dstate_bwd_tuned = tuned(_chunk_dstate_bwd, key=SISO_KEY, capped=((4, 2, 128),))
 _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
 # dx and dk compile without wgmma: Triton 3.6's wgmma path faults on them with several column blocks (illegal
 # addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block (which is exact) they ran 50% slower.
@@ -348,15 +320,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     seq = seq_idx if seq_idx is not None else dt  # never read without HAS_SEQ
     flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt, seq_idx is not None, nc)
 
-    dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    _chunk_dstate_bwd_tuned[(nc, Bsz * H)](q, a, dt, lam, om, ctx["qb"], ctx["theta_off"], seq, dy, dg_in, T, H, S, nc,
-                                           H // G, *strides, HAS_QB=has_qb, **flags)
-
-    dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
-    if d_ssm is not None:
-        dg_final = _to_eo(d_ssm.float()).contiguous()
-    dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
-
     f32 = dict(device=dev, dtype=torch.float32)
     # Per-head dq / dk (0.5 GB each in fp32 at 8 x 4k x 32 heads) are only summed over the heads of a group: 16-bit
     # storage with 16-bit activations halves their traffic; the sum runs in fp32, and its result is rounded to the
@@ -375,10 +338,17 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dd_part = torch.empty(Bsz, nc, H, **f32)
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
+    dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
                                             ctx["g_in"], dy,
-                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, *common,
+                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
+
+    dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
+    if d_ssm is not None:
+        dg_final = _to_eo(d_ssm.float()).contiguous()
+    dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
+
     _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"], seq,
                                             dlocal, dy, dx, dd_part, *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
                                             **flags)
