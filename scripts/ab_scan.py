@@ -1,6 +1,6 @@
 """Quick A/B of the Triton Mamba-3 SISO scan (a diagnostic for kernel changes, not the benchmark of record).
 
-    python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--out F.json]
+    python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--chunk 64] [--out F.json]
 
 For each shape: forward and forward+backward wall time (medians of do_bench), and the self CUDA time of every
 kernel of one profiled f+b. Run it once per variant in the same call (same machine), and compare the lines.
@@ -32,12 +32,12 @@ def kernel_times(fb) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def measure(B: int, T: int) -> dict:
+def measure(B: int, T: int, chunk: int) -> dict:
     x = inputs(B, T, requires_grad=True)
     dy = torch.randn_like(x["v"])
 
     def fwd():
-        return mamba3_siso_chunk(**x, chunk_size=64)[0]
+        return mamba3_siso_chunk(**x, chunk_size=chunk)[0]
 
     def fb():
         fwd().backward(dy)
@@ -50,12 +50,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", required=True)
     ap.add_argument("--shapes", default="8x4096,2x16384,1x65536")
+    ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
-        row = measure(B, T)
+        row = measure(B, T, args.chunk)
         rows.append({"tag": args.tag, "shape": shape, **row})
         top = ", ".join(f"{k.split('(')[0]} {v}" for k, v in list(row["kernels_ms"].items())[:7])
         print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms, f+b {row['fb_ms']:.3f} ms | {top}", flush=True)
