@@ -339,3 +339,29 @@ def test_blocked_cumsum_equals_cumsum(shape):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     g = torch.randn(want.shape, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad((got * g).sum(), x)[0], torch.autograd.grad((want * g).sum(), x)[0])
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_mma_sync_compile_sets_and_restores_the_switch(monkeypatch, before):
+    """dx / dk compile without wgmma (MmaSync): the switch Triton reads is on only during their launches."""
+    import os
+
+    from hybrid.kernels.mamba3.triton_siso import MmaSync
+
+    if before is None:
+        monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    else:
+        monkeypatch.setenv("DISABLE_MMA_V3", before)
+    seen = []
+
+    class Kernel:  # stands in for an autotuned kernel: records the switch at launch
+        configs = ["a config"]
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append((grid, args, kwargs, os.environ.get("DISABLE_MMA_V3")))
+
+    wrapped = MmaSync(Kernel())
+    wrapped[(3, 4)](1, 2, FLAG=True)
+    assert seen == [((3, 4), (1, 2), {"FLAG": True}, "1")]
+    assert os.environ.get("DISABLE_MMA_V3") == before
+    assert wrapped.configs == ["a config"]  # the tuner's attributes show through (determinism check, profiler)
