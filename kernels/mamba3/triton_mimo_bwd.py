@@ -53,7 +53,7 @@ from hybrid.kernels.mamba3.triton_mimo import (
     _values,
     state_pass_block,
 )
-from hybrid.kernels.mamba3.triton_siso import _seg_rcumsum, tuned
+from hybrid.kernels.mamba3.triton_siso import _store_angle_grad, tuned
 
 
 @triton.jit
@@ -231,18 +231,11 @@ def _key_head(Q, K, X, VR, A, DT, SCALE, GAMMA, OMEGA, QB, KB, D, THETA_OFF, SEQ
         th = (at * S)[:, None] + j[None, :]
         both = on[:, None] & jon[None, :]
         turn = tl.load(DTHETA + th, mask=both, other=0.0) + _per_token_tile(klo * dkhi - khi * dklo, C, R, N2)
-        # Token t's angle sums the increments up to t: reverse cumulative sum within the chunk here; the
-        # chunk's total moves every later chunk's entry angle (autograd through angle_offsets).
+        seq_t, enter_t = on, on  # placeholders without documents
         if HAS_SEQ:
-            # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
-            # reaches the ``enter`` tokens.
             seq_t, enter_t, _ = _mimo_seq(SEQ, b, c, t_loc, T, s_sb, C)
-            tl.store(DTHETA + th, _seg_rcumsum(turn, seq_t), mask=both)
-            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + j, tl.sum(turn * enter_t[:, None], axis=0), mask=jon)
-        else:
-            total = tl.sum(turn, axis=0)
-            tl.store(DTHETA + th, total[None, :] - tl.cumsum(turn, axis=0) + turn, mask=both)
-            tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + j, total, mask=jon)
+        # The chunk's total moves every later chunk's entry angle (autograd through angle_offsets).
+        _store_angle_grad(DTHETA, DTHETA_TOT, turn, th, both, ((b * nc + c) * H + h) * S + j, jon, seq_t, enter_t, HAS_SEQ)
         dklo, dkhi = dklo * cos + dkhi * sin, dkhi * cos - dklo * sin
     return dklo, dkhi
 

@@ -74,6 +74,21 @@ def _seg_rcumsum(x, seq):
 
 
 @triton.jit
+def _store_angle_grad(DTHETA, DTHETA_TOT, dth, th_off, th_mask, tot_off, tot_mask, seq, enter, HAS_SEQ: tl.constexpr):
+    """Stores a chunk's (C, W) angle gradient per token and angle. Token t's angle sums the increments up to t, so
+    each increment gets the reverse cumulative sum within the chunk; the chunk total (the gradient of its entry
+    angle) goes to DTHETA_TOT, for the glue to carry over earlier chunks. With HAS_SEQ the sums stay within each
+    token's document (the transpose of the forward's segmented sum) and the entry angle reaches ``enter`` tokens."""
+    if HAS_SEQ:
+        tl.store(DTHETA + th_off, _seg_rcumsum(dth, seq), mask=th_mask)
+        tl.store(DTHETA_TOT + tot_off, tl.sum(dth * enter[:, None], axis=0), mask=tot_mask)
+    else:
+        total = tl.sum(dth, axis=0)
+        tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
+        tl.store(DTHETA_TOT + tot_off, total, mask=tot_mask)
+
+
+@triton.jit
 def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT: tl.constexpr,
                 HAS_SEQ: tl.constexpr):
     """cos and sin of the (C, NB) cumulative angles of pairs ``nb`` in one chunk for one head (angle 0 past S).

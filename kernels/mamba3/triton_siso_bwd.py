@@ -41,7 +41,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     _chunk_scores,
     _from_eo,
     _qk_pairs,
-    _seg_rcumsum,
+    _store_angle_grad,
     _to_eo,
     _unrotate,
     chunk_rows,
@@ -237,17 +237,8 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
             th_off = ((b * T + t[:, None]) * H + h) * S + nb[None, :]
             th_mask = tmask[:, None] & smask[None, :]
             dth = tl.load(DTHETA + th_off, mask=th_mask, other=0.0) + (kE * dkO - kO * dkE)
-            # theta_t sums the increments up to t: reverse cumulative sum within the chunk here, across chunks
-            # (each chunk's entry-angle gradient added to all earlier chunks) in the glue.
-            if HAS_SEQ:
-                # Within the token's document only (the transpose of the forward's segmented sum); the entry angle
-                # reaches the ``enter`` tokens.
-                tl.store(DTHETA + th_off, _seg_rcumsum(dth, seq), mask=th_mask)
-                tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, tl.sum(dth * enter[:, None], axis=0), mask=smask)
-            else:
-                total = tl.sum(dth, axis=0)
-                tl.store(DTHETA + th_off, total[None, :] - tl.cumsum(dth, axis=0) + dth, mask=th_mask)
-                tl.store(DTHETA_TOT + ((b * nc + c) * H + h) * S + nb, total, mask=smask)
+            _store_angle_grad(DTHETA, DTHETA_TOT, dth, th_off, th_mask, ((b * nc + c) * H + h) * S + nb, smask, seq, enter,
+                              HAS_SEQ)
             dkE, dkO = _unrotate(dkE, dkO, cos, sin)
         tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
         tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
