@@ -2,8 +2,9 @@
 
     python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--chunk 64] [--out F.json]
 
-For each shape: forward and forward+backward wall time (medians of do_bench), and the self CUDA time of every
-kernel of one profiled f+b. Run it once per variant in the same call (same machine), and compare the lines.
+For each shape: forward and forward+backward wall time (medians of do_bench), the CPU time to issue one forward
+(host-bound when it reaches the GPU time), and the self CUDA time of every kernel of one profiled f+b. Run it
+once per variant in the same call (same machine), and compare the lines.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -43,7 +45,20 @@ def measure(B: int, T: int, chunk: int) -> dict:
         fwd().backward(dy)
 
     fb()
-    return {"fwd_ms": round(bench(fwd), 4), "fb_ms": round(bench(fb), 4), "kernels_ms": kernel_times(fb)}
+    return {"fwd_ms": round(bench(fwd), 4), "fb_ms": round(bench(fb), 4), "host_fwd_ms": round(host_ms(fwd), 4),
+            "kernels_ms": kernel_times(fb)}
+
+
+def host_ms(fn, n: int = 50) -> float:
+    """CPU time to issue one call (n calls queued without a sync, after a sync). At or above the GPU time, the
+    call is host-bound: its wall time then says more about the CPU than about the kernels."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued / n * 1e3
 
 
 def main() -> None:
@@ -59,7 +74,8 @@ def main() -> None:
         row = measure(B, T, args.chunk)
         rows.append({"tag": args.tag, "shape": shape, **row})
         top = ", ".join(f"{k.split('(')[0]} {v}" for k, v in list(row["kernels_ms"].items())[:7])
-        print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms, f+b {row['fb_ms']:.3f} ms | {top}", flush=True)
+        print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms (host {row['host_fwd_ms']:.3f}), f+b {row['fb_ms']:.3f} ms"
+              f" | {top}", flush=True)
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
