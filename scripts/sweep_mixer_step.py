@@ -87,9 +87,12 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="mixer_step_sweep.json")
+    ap.add_argument("--cases", help="comma-separated substrings of the case names to run (default: all)")
     args = ap.parse_args()
     rows = []
     for c in CASES:
+        if args.cases and not any(part in c[0] for part in args.cases.split(",")):
+            continue
         row = case(*c)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "kernel_us"}), flush=True)
