@@ -134,6 +134,9 @@ class Mamba3Cache:
     ssm: torch.Tensor  # (B, H, P, N) state: float32, or the model dtype with state_dtype="model"
     k: torch.Tensor  # (B, R, H, N) last token's biased, rotated key (model dtype)
     v: torch.Tensor  # (B, H, P) last token's raw x (model dtype)
+    # (B, H) int32, zero between steps: lets several programs of the fused decode step share a head
+    # (``triton_mixer_step.py``); scratch, not state
+    readers: torch.Tensor | None = None
 
     def state(self) -> Mamba3State:
         return Mamba3State(self.angle, self.ssm, self.k, self.v)
@@ -264,7 +267,8 @@ class Mamba3(Mixer):
         return Mamba3Cache(torch.zeros(batch_size, self.H, self.S, device=device, dtype=wide),
                            torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=ssm),
                            torch.zeros(batch_size, self.R, self.H, self.N, device=device, dtype=dtype),
-                           torch.zeros(batch_size, self.H, self.P, device=device, dtype=dtype))
+                           torch.zeros(batch_size, self.H, self.P, device=device, dtype=dtype),
+                           torch.zeros(batch_size, self.H, device=device, dtype=torch.int32))
 
     @torch.no_grad()
     def reset_parameters_special(self) -> None:
@@ -390,7 +394,7 @@ class Mamba3(Mixer):
             rope_freq=getattr(self, "rope_freq", None), eps=cfg.norm_eps, A_floor=cfg.A_floor,
             a_activation=cfg.a_activation, trapezoid=cfg.trapezoid, rotation=cfg.rotation, rank=self.R,
             mimo_x=getattr(self, "mimo_x", None), mimo_z=getattr(self, "mimo_z", None),
-            mimo_o=getattr(self, "mimo_o", None), pairing=self.pairing)
+            mimo_o=getattr(self, "mimo_o", None), pairing=self.pairing, readers=cache.readers)
 
     def _use_triton_mimo_step(self, x: torch.Tensor) -> bool:
         """Whether MIMO decode steps run the fused Triton step kernel (the chunked scan: ``_use_triton``)."""

@@ -4,8 +4,8 @@
 
 For each case of ``benchmarks/mamba3_mixer_decode.py`` it times, each inside a CUDA graph of 20 launches
 (so launch gaps are the graph's, as in a real decode step): the fused kernel alone at every (rows per block,
-warps) pair, the two projections alone, and the whole layer step with the default config. The picks feed
-``triton_mixer_step.launch_config``.
+warps, programs per head) config, the two projections alone, and the whole layer step with the default config.
+The picks feed ``triton_mixer_step.launch_config``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
         row["out_proj_transposed_us"] = graph_us(lambda: gated @ w_out_t)
     row["layer_step_us"] = graph_us(lambda: layer(x, cache=cache))
     kernel = {}
-    for bp, warps in itertools.product((8, 16, 32, 64), (1, 2, 4, 8)):
-        def step(bp=bp, warps=warps):
+    splits = (1, 2, 4, 8) if batch * layer.H < 512 else (1,)  # programs per head: only worth it with few heads
+    for split, bp, warps in itertools.product(splits, (8, 16, 32, 64), (1, 2, 4, 8)):
+        if bp > layer.P // split:
+            continue
+
+        def step(bp=bp, warps=warps, split=split):
             return triton_mixer_step.mamba3_mixer_step_(
                 proj, cache.state(), d_inner=layer.d_inner, heads=layer.H, groups=layer.G, d_state=layer.N,
                 headdim=layer.P, n_angles=layer.S, dt_bias=layer.dt_bias, D=layer.D,
@@ -69,12 +73,12 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
                 C_bias=layer.C_bias, rope_freq=None, eps=layer.cfg.norm_eps, A_floor=layer.cfg.A_floor,
                 a_activation=layer.cfg.a_activation, trapezoid=layer.cfg.trapezoid, rotation=layer.cfg.rotation,
                 rank=layer.R, mimo_x=getattr(layer, "mimo_x", None), mimo_z=getattr(layer, "mimo_z", None),
-                mimo_o=getattr(layer, "mimo_o", None), pairing=layer.pairing, out=gated, block_rows=bp,
-                num_warps=warps)
+                mimo_o=getattr(layer, "mimo_o", None), pairing=layer.pairing, out=gated, readers=cache.readers,
+                block_rows=bp, num_warps=warps, row_split=split)
         try:
-            kernel[f"bp{bp}_w{warps}"] = graph_us(step)
+            kernel[f"s{split}_bp{bp}_w{warps}"] = graph_us(step)
         except Exception as exc:  # noqa: BLE001 - a config that does not compile (registers) is skipped
-            kernel[f"bp{bp}_w{warps}"] = f"{type(exc).__name__}"
+            kernel[f"s{split}_bp{bp}_w{warps}"] = f"{type(exc).__name__}"
     row["kernel_us"] = kernel
     timed = {k: v for k, v in kernel.items() if isinstance(v, float)}
     row["best"] = min(timed, key=timed.get)

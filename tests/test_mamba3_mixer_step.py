@@ -64,14 +64,19 @@ def test_fused_step_matches_eager_layer(variant, monkeypatch):
         torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), **tol, msg=name)
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("variant", ["default", "mimo2"])
-def test_fused_step_in_row_blocks(variant, monkeypatch):
-    """Several (BP, N) blocks of the state per program (the next block's load in flight) equal one block."""
-    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda *args: (4, 1))
+def test_fused_step_in_row_blocks(variant, split, monkeypatch):
+    """Several (BP, N) blocks of the state per program (the next block's load in flight) equal one block; so do
+    several programs per head, each with its part of the rows, the last to read the head's angle and keys writing
+    their new values (and leaving the reader count at zero for the next step)."""
+    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda *args: (4, 1, split))
     outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
     assert calls == 5
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(caches[1].ssm, caches[0].ssm, rtol=1e-4, atol=1e-5)
+    for name in ("angle", "ssm", "k", "v"):
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), rtol=1e-4, atol=1e-5, msg=name)
+    assert not caches[1].readers.any()
 
 
 @pytest.mark.gpu

@@ -64,21 +64,28 @@ def _rank_vectors(ROW, off, r, g, G, n, partner, NORM_W, BIAS, h, cos, sin, sign
 
 @triton.jit
 def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROPE, MIMO_X, MIMO_Z, MIMO_O,
-                       ANGLE, SSM, KC, VC, OUT, s_proj, s_out, H, G, S, heads_per_group, d_inner,
+                       ANGLE, SSM, KC, VC, OUT, READERS, s_proj, s_out, H, G, S, heads_per_group, d_inner,
                        off_b, off_c, off_dt, off_a, off_lam, off_th, eps, a_floor, lam_fixed,
-                       R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, HALF: tl.constexpr,
-                       MIMO: tl.constexpr, BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HEAVY_TAIL: tl.constexpr,
-                       LEARNED_LAM: tl.constexpr, ROTATION: tl.constexpr):
+                       R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr,
+                       HALF: tl.constexpr, MIMO: tl.constexpr, BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HEAVY_TAIL: tl.constexpr, LEARNED_LAM: tl.constexpr, ROTATION: tl.constexpr):
     """ROTATION: 0 none, 1 data-dependent (pi tanh(u_theta) scaled by dt), 2 data-independent (fixed rates).
-    HALF pairs channels (i, i + N/2) (MIMO), else (2i, 2i + 1) (SISO). MIMO: per-rank scales of x, z and the output."""
-    b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
+    HALF pairs channels (i, i + N/2) (MIMO), else (2i, 2i + 1) (SISO). MIMO: per-rank scales of x, z and the output.
+
+    SPLIT programs share a (sequence, head), each with P / SPLIT of its state rows: at batch 1 one program per head
+    leaves most SMs idle. They all read the head's angle and cached keys, so those are rewritten only once every
+    program has read them: each counts itself in on READERS (B, H) after its reads, and the last to arrive writes
+    the new values and resets the count (the values are the same whichever program writes them)."""
+    b, h, part = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
     g = h // heads_per_group
     row = PROJ + b * s_proj
     dtype = OUT.dtype.element_ty
     n = tl.arange(0, N)
     r = tl.arange(0, R)
     # The first state block is loaded before the prologue (dependent loads and reductions) so the two overlap.
-    rows = tl.arange(0, BP)
+    PART: tl.constexpr = P // SPLIT  # state rows of this program: [first_row, first_row + PART)
+    first_row = part * PART
+    rows = first_row + tl.arange(0, BP)
     ssm = SSM + (b * H + h) * P * N
     st_next = tl.load(ssm + rows[:, None] * N + n[None, :])
     pair, partner, sign, first = _rotation_pairs(n, N, HALF)
@@ -106,7 +113,6 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
             inc = tl.load(ROPE + pair, mask=pmask, other=0.0).to(tl.float32)
         theta = tl.load(ANGLE + (b * H + h) * S + pair, mask=pmask, other=0.0) + inc
         theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
-        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first)
         cos, sin = tl.cos(theta), tl.sin(theta)
     q = _rank_vectors(row, off_c, r, g, G, n, partner, C_NORM_W, C_BIAS, h, cos, sin, sign, eps, R, N, BC_NORM, HAS_BIAS,
                       ROTATION != 0, dtype)  # (R, N)
@@ -114,6 +120,14 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
                       ROTATION != 0, dtype)
     kc = KC + ((b * R + r[:, None]) * H + h) * N + n[None, :]  # (R, N) cached keys of the last token
     k_prev = tl.load(kc).to(tl.float32)
+    arrived = SPLIT - 1  # programs of this head that read before this one; the last one writes
+    if SPLIT > 1:  # acq_rel: this program's reads above happen before the last arrival's writes below
+        arrived = tl.atomic_add(READERS + b * H + h, 1, sem="acq_rel")
+        tl.store(READERS + b * H + h, 0, mask=arrived == SPLIT - 1)
+    # (the count is broadcast before the comparison: the interpreter cannot `and` a tensor mask with a scalar one)
+    if ROTATION != 0:
+        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first & (pair * 0 + arrived == SPLIT - 1))
+    tl.store(kc, k.to(KC.dtype.element_ty), mask=(r[:, None] * 0 + n[None, :] * 0 + arrived) == SPLIT - 1)
     if not MIMO:  # SISO: plain (N,) vectors and (BP, N) tiles
         q1, k1, k_prev1 = tl.sum(q, axis=0), tl.sum(k, axis=0), tl.sum(k_prev, axis=0)
 
@@ -121,12 +135,12 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
     d_skip = tl.load(D + h).to(tl.float32)
-    for p0 in range(0, P, BP):
+    for p0 in range(0, PART, BP):
         p = p0 + rows
         st_old = st_next.to(tl.float32)
-        if BP < P:  # the next block's load is in flight during this block's math (none after the last)
+        if BP < PART:  # the next block's load is in flight during this block's math (none after the last)
             nxt = p + BP
-            st_next = tl.load(ssm + nxt[:, None] * N + n[None, :], mask=(nxt < P)[:, None], other=0.0)
+            st_next = tl.load(ssm + nxt[:, None] * N + n[None, :], mask=(nxt < first_row + PART)[:, None], other=0.0)
         x = tl.load(row + d_inner + h * P + p).to(tl.float32)
         z = tl.load(row + h * P + p).to(tl.float32)
         x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
@@ -150,7 +164,6 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         tl.store(ssm + p[:, None] * N + n[None, :], st.to(SSM.dtype.element_ty))
         tl.store(OUT + b * s_out + h * P + p, out.to(dtype))
         tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
-    tl.store(kc, k.to(KC.dtype.element_ty))
 
 
 def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
@@ -164,13 +177,14 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
     return None
 
 
-def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int]:
-    """(state rows per block, warps) of the step kernel for ``programs`` = batch x heads, from
-    ``scripts/sweep_mixer_step.py`` on an H100 (``docs/reports/mixer_step_sweep_h100_v3.json``: the same pick
-    for fp32 and bf16 states)."""
-    if programs < 512:  # a few programs per SM: latency-bound, so few trips to memory, more warps for MIMO
-        return (min(headdim, 32), 4) if rank == 1 else (min(headdim, 64), 8)
-    return min(headdim, 8), 1  # bandwidth-bound: many small programs
+def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int, int]:
+    """(state rows per block, warps, programs per (sequence, head)) of the step kernel for ``programs`` = batch x
+    heads, from ``scripts/sweep_mixer_step.py`` on an H100 (``docs/reports/mixer_step_sweep_h100_v3.json``: the same
+    pick for fp32 and bf16 states)."""
+    if programs < 512:  # a few programs per SM: latency-bound; split heads over programs until ~128 run
+        split = max(1, min(headdim // 16, 128 // programs))
+        return (min(headdim // split, 32), 4, split) if rank == 1 else (headdim // split, 8, split)
+    return min(headdim, 8), 1, 1  # bandwidth-bound: many small programs
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
@@ -180,7 +194,8 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
                        eps: float, A_floor: float, a_activation: str, trapezoid: str, rotation: str, rank: int = 1,
                        mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None,
                        mimo_o: torch.Tensor | None = None, pairing: str = "interleaved", out: torch.Tensor | None = None,
-                       block_rows: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                       readers: torch.Tensor | None = None, block_rows: int | None = None, num_warps: int | None = None,
+                       row_split: int | None = None) -> torch.Tensor:
     """One decode step of a Mamba-3 mixer (SISO, or MIMO of rank R) from its ``in_proj`` row to the gated row
     ``out_proj`` reads.
 
@@ -188,8 +203,9 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     [u_theta] as the layer splits it; state: the layer's cache (angle (B, H, S) fp32, ssm (B, H, P, N), k (B, R, H, N),
     v (B, H, P)), updated in place; B_bias / C_bias (H, R, N); MIMO's per-rank scales mimo_x / mimo_z / mimo_o
     (H, R, P), or None for SISO. ``pairing`` "interleaved" rotates channels (2i, 2i + 1) (the layer's SISO),
-    "half" (i, i + N/2) (its MIMO). Returns
-    (B, H * P) in proj's dtype (into ``out``). ``block_rows`` / ``num_warps`` override ``launch_config``.
+    "half" (i, i + N/2) (its MIMO). ``readers`` (B, H) int32 zeros, kept with the cache (``Mamba3Cache.readers``), lets
+    several programs share a head (``row_split``); without it each head is one program. Returns (B, H * P) in proj's
+    dtype (into ``out``). ``block_rows`` / ``num_warps`` / ``row_split`` override ``launch_config``.
     """
     Bsz = proj.shape[0]
     H, P, N, G, S, R = heads, headdim, d_state, groups, n_angles, rank
@@ -205,20 +221,26 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     off_a = off_dt + H
     off_lam = off_a + H
     off_th = off_lam + (H if trapezoid == "learned" else 0)
-    bp, warps = launch_config(Bsz * H, P, R)
+    bp, warps, split = launch_config(Bsz * H, P, R)
+    bp, warps, split = block_rows or bp, num_warps or warps, (row_split or split) if readers is not None else 1
+    if P % split or bp > P // split:
+        raise ValueError(f"{split} programs per head cannot share {P} state rows in blocks of {bp}")
+    if readers is not None and (readers.shape != (Bsz, H) or readers.dtype != torch.int32):
+        raise ValueError(f"readers must be a (B, H) = {(Bsz, H)} int32 tensor, got {readers.dtype} {tuple(readers.shape)}")
     dummy = dt_bias
 
     def arg(t):
         return t if t is not None else dummy
 
-    _mixer_step_kernel[(Bsz, H)](
+    _mixer_step_kernel[(Bsz, H, split)](
         proj, dt_bias, D, arg(B_norm_weight), arg(C_norm_weight), arg(B_bias), arg(C_bias), arg(rope_freq),
-        arg(mimo_x), arg(mimo_z), arg(mimo_o), state.angle, state.ssm, state.k, state.v, y, proj.stride(0),
+        arg(mimo_x), arg(mimo_z), arg(mimo_o), state.angle, state.ssm, state.k, state.v, y,
+        readers if readers is not None else state.v, proj.stride(0),
         y.stride(0), H, G, S, H // G, d_inner, off_b, off_c, off_dt, off_a, off_lam, off_th, eps, A_floor,
         0.5 if trapezoid == "half" else 1.0,
-        R=R, N=N, P=P, BP=block_rows or bp, HALF=pairing == "half", MIMO=mimo, BC_NORM=B_norm_weight is not None,
+        R=R, N=N, P=P, BP=bp, SPLIT=split, HALF=pairing == "half", MIMO=mimo, BC_NORM=B_norm_weight is not None,
         HAS_BIAS=B_bias is not None,
         HEAVY_TAIL=a_activation == "heavy_tail", LEARNED_LAM=trapezoid == "learned",
         ROTATION={"none": 0, "data_dependent": 1, "data_independent": 2}[rotation] if S else 0,
-        num_warps=num_warps or warps)
+        num_warps=warps)
     return y
