@@ -179,11 +179,14 @@ def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool
 
 def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int, int]:
     """(state rows per block, warps, programs per (sequence, head)) of the step kernel for ``programs`` = batch x
-    heads, from ``scripts/sweep_mixer_step.py`` on an H100 (``docs/reports/mixer_step_sweep_h100_v3.json``: the same
-    pick for fp32 and bf16 states)."""
-    if programs < 512:  # a few programs per SM: latency-bound; split heads over programs until ~128 run
-        split = max(1, min(headdim // 16, 128 // programs))
-        return (min(headdim // split, 32), 4, split) if rank == 1 else (headdim // split, 8, split)
+    heads, from ``scripts/sweep_mixer_step.py`` on an H100 (``docs/reports/mixer_step_sweep_h100_v3.json``, the same
+    pick for fp32 and bf16 states; the row split from ``_v4.json``, batch 1: MIMO-4 10.9 -> 5.5 us, SISO 4.6 -> 4.5)."""
+    if programs < 512:  # a few programs per SM: latency-bound, so split the heads' rows over more programs
+        if rank == 1:
+            split = max(1, min(headdim // 16, 128 // programs))
+            return (8, 4, split) if split > 1 else (min(headdim, 32), 4, 1)
+        split = max(1, min(headdim // 8, 256 // programs))  # MIMO's rows carry R-fold work: split finer
+        return (headdim // split, 2, split) if split > 1 else (min(headdim, 64), 8, 1)
     return min(headdim, 8), 1, 1  # bandwidth-bound: many small programs
 
 
