@@ -113,6 +113,8 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
             inc = tl.load(ROPE + pair, mask=pmask, other=0.0).to(tl.float32)
         theta = tl.load(ANGLE + (b * H + h) * S + pair, mask=pmask, other=0.0) + inc
         theta = theta - 6.283185307179586 * tl.floor(theta / 6.283185307179586)
+        if SPLIT == 1:  # the one program of the head owns its angle (a split writes it at the end)
+            tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first)
         cos, sin = tl.cos(theta), tl.sin(theta)
     q = _rank_vectors(row, off_c, r, g, G, n, partner, C_NORM_W, C_BIAS, h, cos, sin, sign, eps, R, N, BC_NORM, HAS_BIAS,
                       ROTATION != 0, dtype)  # (R, N)
@@ -120,14 +122,6 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
                       ROTATION != 0, dtype)
     kc = KC + ((b * R + r[:, None]) * H + h) * N + n[None, :]  # (R, N) cached keys of the last token
     k_prev = tl.load(kc).to(tl.float32)
-    arrived = SPLIT - 1  # programs of this head that read before this one; the last one writes
-    if SPLIT > 1:  # acq_rel: this program's reads above happen before the last arrival's writes below
-        arrived = tl.atomic_add(READERS + b * H + h, 1, sem="acq_rel")
-        tl.store(READERS + b * H + h, 0, mask=arrived == SPLIT - 1)
-    # (the count is broadcast before the comparison: the interpreter cannot `and` a tensor mask with a scalar one)
-    if ROTATION != 0:
-        tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first & (pair * 0 + arrived == SPLIT - 1))
-    tl.store(kc, k.to(KC.dtype.element_ty), mask=(r[:, None] * 0 + n[None, :] * 0 + arrived) == SPLIT - 1)
     if not MIMO:  # SISO: plain (N,) vectors and (BP, N) tiles
         q1, k1, k_prev1 = tl.sum(q, axis=0), tl.sum(k, axis=0), tl.sum(k_prev, axis=0)
 
@@ -164,6 +158,15 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         tl.store(ssm + p[:, None] * N + n[None, :], st.to(SSM.dtype.element_ty))
         tl.store(OUT + b * s_out + h * P + p, out.to(dtype))
         tl.store(VC + (b * H + h) * P + p, x.to(VC.dtype.element_ty))
+    if SPLIT > 1:  # acq_rel: this program's reads of the angle and keys happen before the last arrival's writes
+        arrived = tl.atomic_add(READERS + b * H + h, 1, sem="acq_rel")
+        tl.store(READERS + b * H + h, 0, mask=arrived == SPLIT - 1)
+        # (the count is broadcast before the comparison: the interpreter cannot `and` a tensor mask with a scalar)
+        if ROTATION != 0:
+            tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first & (pair * 0 + arrived == SPLIT - 1))
+        tl.store(kc, k.to(KC.dtype.element_ty), mask=(r[:, None] * 0 + n[None, :] * 0 + arrived) == SPLIT - 1)
+    else:
+        tl.store(kc, k.to(KC.dtype.element_ty))
 
 
 def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
