@@ -30,7 +30,8 @@ def unsupported_mixers(model) -> list[str]:
 
 
 def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor, str]]:
-    """Every tensor of a decode cache with its kind: "kv" for attention keys/values, else "state"."""
+    """Every tensor of a decode cache with its kind: "kv" for attention keys/values, else "state". Fields marked
+    metadata={"scratch": True} (working buffers that are zero between steps) are neither and are skipped."""
     if isinstance(obj, torch.Tensor):
         yield obj, kind
     elif isinstance(obj, KVCache):
@@ -40,6 +41,8 @@ def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor,
             yield obj.device_pos, "state"
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):  # a field marked metadata={"kv": True} holds attention keys/values
+            if f.metadata.get("scratch"):
+                continue
             yield from cache_tensors(getattr(obj, f.name), "kv" if f.metadata.get("kv") else kind)
     elif isinstance(obj, (list, tuple)):
         for x in obj:

@@ -25,7 +25,7 @@ reference under auto and raise under triton.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -135,8 +135,8 @@ class Mamba3Cache:
     k: torch.Tensor  # (B, R, H, N) last token's biased, rotated key (model dtype)
     v: torch.Tensor  # (B, H, P) last token's raw x (model dtype)
     # (B, H) int32, zero between steps: lets several programs of the fused decode step share a head
-    # (``triton_mixer_step.py``); scratch, not state
-    readers: torch.Tensor | None = None
+    # (``triton_mixer_step.py``). Scratch, not state: cache walkers skip it.
+    readers: torch.Tensor | None = field(default=None, metadata={"scratch": True})
 
     def state(self) -> Mamba3State:
         return Mamba3State(self.angle, self.ssm, self.k, self.v)

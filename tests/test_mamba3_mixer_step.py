@@ -100,3 +100,15 @@ def test_unsupported_layers_fall_back():
     layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16, outproj_norm=True, backend="triton",
                                     fused_decode_step=True))
     assert not layer._use_fused_step(torch.zeros(1, 1, 64), None)
+
+
+def test_reader_count_is_scratch_not_state():
+    """The fused step's reader count lives with the cache but is neither state nor KV: bench byte counts and graph
+    snapshots leave it out."""
+    from hybrid.decode_graph import cache_tensors
+
+    layer = Mamba3(64, Mamba3Config(d_state=32, headdim=16, chunk_size=16))
+    cache = layer.allocate_cache(2, 8)
+    assert cache.readers.shape == (2, layer.H) and cache.readers.dtype == torch.int32
+    assert all(t is not cache.readers for t, _ in cache_tensors(cache))
+    assert len(list(cache_tensors(cache))) == 4
