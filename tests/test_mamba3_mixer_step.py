@@ -57,8 +57,10 @@ def _decode_both(variant, dtype, device, monkeypatch, d_model=64, **extra):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_step_matches_eager_layer(variant, split, monkeypatch):
     # float32 only on the CPU: the interpreter casts to bf16 by truncation, not round-to-nearest as the GPU does.
-    # split 2: two programs per head (what batch 1 runs on a GPU), the last reader writing the angle and keys.
-    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda programs, headdim, rank: (headdim // 2, 4, split))
+    # split 1: the layer's own launch config; split 2: two programs per head (what batch 1 runs on a GPU), the last
+    # reader writing the angle and keys.
+    if split > 1:
+        monkeypatch.setattr(triton_mixer_step, "launch_config", lambda programs, headdim, rank: (headdim // 2, 4, split))
     outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
     assert calls == 5  # every decode step took the fused kernel
     tol = dict(rtol=1e-4, atol=1e-5)

@@ -240,8 +240,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
 
     _mixer_step_kernel[(Bsz, H, split)](
         proj, dt_bias, D, arg(B_norm_weight), arg(C_norm_weight), arg(B_bias), arg(C_bias), arg(rope_freq),
-        arg(mimo_x), arg(mimo_z), arg(mimo_o), state.angle, state.ssm, state.k, state.v, y,
-        readers if readers is not None else state.v, proj.stride(0),
+        arg(mimo_x), arg(mimo_z), arg(mimo_o), state.angle, state.ssm, state.k, state.v, y, arg(readers), proj.stride(0),
         y.stride(0), H, G, S, H // G, d_inner, off_b, off_c, off_dt, off_a, off_lam, off_th, eps, A_floor,
         0.5 if trapezoid == "half" else 1.0,
         R=R, N=N, P=P, BP=bp, SPLIT=split, HALF=pairing == "half", MIMO=mimo, BC_NORM=B_norm_weight is not None,
