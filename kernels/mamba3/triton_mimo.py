@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from hybrid.kernels.mamba3.triton_siso import _seg_cumsum, tuned, unsupported_reason
+from hybrid.kernels.mamba3.triton_siso import _cos_sin, _seg_cumsum, tuned, unsupported_reason
 
 # The packed-document variants (HAS_SEQ) are tuned apart from the plain ones.
 MIMO_KEY = ("C", "N2", "P", "HAS_SEQ")
@@ -91,8 +91,7 @@ def _mimo_rows(A, DT, SCALE, GAMMA, OMEGA, THETA_OFF, SEQ, b, c, h, T, H, S, nc,
             theta = entry[None, :] * enter[:, None] + _seg_cumsum(inc, seq)
         else:
             theta = entry[None, :] + tl.cumsum(inc, axis=0)
-        cos = tl.cos(theta)
-        sin = tl.sin(theta)
+        cos, sin = _cos_sin(theta)
     return tok, rk, live, cs, scale, gamma, cos, sin, seq, enter, to_end
 
 

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.common import Mamba3State, rotate
 from hybrid.kernels.mamba3.triton_state_passing import state_passing_fwd
+from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -88,6 +89,25 @@ def _store_angle_grad(DTHETA, DTHETA_TOT, dth, th_off, th_mask, tot_off, tot_mas
         tl.store(DTHETA_TOT + tot_off, total, mask=tot_mask)
 
 
+# On a GPU the chunk kernels take cos / sin from the hardware's approximate units after a two-step reduction to
+# [-pi, pi]: tl.cos / tl.sin are libdevice's exact cosf / sinf, whose Payne-Hanek path for large arguments needs
+# a local-memory array and many registers in kernels that already spill (docs/perf-notes.md, "fast trig"). The
+# approximations' absolute error there (about 2**-21) is far below the bf16 rounding of the rotated q and k. The
+# CPU interpreter has no libdevice, so it keeps tl.cos / tl.sin.
+FAST_TRIG = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def _cos_sin(theta):
+    """cos and sin of a float32 tensor of angles (any size: they are reduced first)."""
+    if FAST_TRIG:
+        turns = libdevice.rint(theta * 0.15915494309189535)
+        r = tl.fma(turns, -6.2831854820251465, theta)  # 2pi as float32 is 2pi + 1.75e-7: the second step corrects
+        r = tl.fma(turns, 1.7484556e-07, r)
+        return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+    return tl.cos(theta), tl.sin(theta)
+
+
 @triton.jit
 def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_ot, seq, enter, ANGLE_DT: tl.constexpr,
                 HAS_SEQ: tl.constexpr):
@@ -103,7 +123,7 @@ def _block_trig(OMEGA, THETA_OFF, dt, t, tmask, nb, b, c, h, nc, H, S, s_ob, s_o
         theta = _seg_cumsum(om, seq) + off[None, :] * enter[:, None]
     else:
         theta = tl.cumsum(om, axis=0) + off[None, :]
-    return tl.cos(theta), tl.sin(theta)
+    return _cos_sin(theta)
 
 
 @triton.jit
