@@ -49,6 +49,19 @@ def measure(B: int, T: int, chunk: int) -> dict:
             "kernels_ms": kernel_times(fb)}
 
 
+def chosen_configs() -> dict[str, str]:
+    """The launch config the autotuner chose for each SISO chunk kernel (the last shape's, as the tuner keeps it)."""
+    from hybrid.kernels.mamba3 import triton_siso, triton_siso_bwd
+
+    out = {}
+    for module in (triton_siso, triton_siso_bwd):
+        for name in dir(module):
+            best = getattr(getattr(module, name), "best_config", None)
+            if best is not None:
+                out[name.removesuffix("_tuned")] = f"w{best.num_warps} s{best.num_stages} r{best.maxnreg}"
+    return out
+
+
 def host_ms(fn, n: int = 50) -> float:
     """CPU time to issue one call (n calls queued without a sync, after a sync). At or above the GPU time, the
     call is host-bound: its wall time then says more about the CPU than about the kernels."""
@@ -77,6 +90,9 @@ def main() -> None:
         print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms (host {row['host_fwd_ms']:.3f}), f+b {row['fb_ms']:.3f} ms"
               f" | {top}", flush=True)
         torch.cuda.empty_cache()
+    tuned = chosen_configs()
+    print(f"[{args.tag}] configs: " + "; ".join(f"{k} {v}" for k, v in tuned.items()), flush=True)
+    rows.append({"tag": args.tag, "chosen_configs": tuned})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
