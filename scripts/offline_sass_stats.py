@@ -5,8 +5,11 @@ rewrites (docs/perf-notes.md, ninth session): the compiler's schedule, not the s
 
     python scripts/offline_sass_stats.py [--warps 4] [--mma-sync dx,dk] [--set HPP=4 ...]
 
-Runs on the CPU build of torch with the pip ``triton`` (it bundles ptxas and cuobjdump). The installed Triton may
-differ from the device's (3.6 there): compare variants under one version, not figures across versions.
+Runs on the CPU build of torch with the pip ``triton`` (it bundles ptxas and cuobjdump). For the device's version
+(3.6, which allocates registers differently from 3.9 on these kernels), install that wheel apart and put it first:
+
+    pip download triton==3.6.0 --no-deps -d /tmp/t36w && pip install --no-deps --target /tmp/t36 /tmp/t36w/triton-3.6.0-*.whl
+    PYTHONPATH=/tmp/t36 python scripts/offline_sass_stats.py
 """
 
 from __future__ import annotations
