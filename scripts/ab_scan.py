@@ -56,7 +56,7 @@ def measure(B: int, T: int, chunk: int) -> dict:
 
 
 def chosen_configs() -> dict[str, str]:
-    """The launch config the autotuner chose for each SISO chunk kernel (the last shape's, as the tuner keeps it)."""
+    """The launch config the autotuner last chose for each SISO chunk kernel (read right after a shape ran)."""
     from hybrid.kernels.mamba3 import triton_siso, triton_siso_bwd
 
     out = {}
@@ -91,15 +91,14 @@ def main() -> None:
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
         row = measure(B, T, args.chunk)
-        rows.append({"tag": args.tag, "shape": shape, **row})
+        rows.append({"tag": args.tag, "shape": shape, **row, "chosen_configs": chosen_configs()})
         top = ", ".join(f"{k.split('(')[0]} {v}" for k, v in list(row["kernels_ms"].items())[:7])
         print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms (host {row['host_fwd_ms']:.3f}), f+b {row['fb_ms']:.3f} ms"
               f" (fresh grads {row['fb_fresh_ms']:.3f})"
               f" | {top}", flush=True)
+        print(f"[{args.tag}] {shape} configs: " + "; ".join(f"{k} {v}" for k, v in rows[-1]["chosen_configs"].items()),
+              flush=True)
         torch.cuda.empty_cache()
-    tuned = chosen_configs()
-    print(f"[{args.tag}] configs: " + "; ".join(f"{k} {v}" for k, v in tuned.items()), flush=True)
-    rows.append({"tag": args.tag, "chosen_configs": tuned})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

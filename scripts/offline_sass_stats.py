@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import subprocess
+import tempfile
 
 import triton
 from hybrid.kernels.mamba3 import triton_siso, triton_siso_bwd
@@ -49,12 +50,14 @@ def signature(fn, flags: dict) -> tuple[dict, dict]:
     return sig, constexprs
 
 
-def sass_stats(cubin: bytes, path: str) -> str:
+def sass_stats(cubin: bytes) -> str:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with open(path, "wb") as f:
-        f.write(cubin)
-    usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     instr = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
@@ -74,11 +77,12 @@ def main() -> None:
     for name in args.kernels.split(","):
         module, kernel = KERNELS[name]
         fn = getattr(module, kernel)
-        sig, constexprs = signature(fn, {**flags, **{p.name: 1 for p in fn.params if p.is_constexpr and p.name not in flags}})
+        # A constexpr this table does not know (a flag added on a branch) compiles as 1; --set overrides it.
+        sig, constexprs = signature(fn, {**{p.name: 1 for p in fn.params if p.is_constexpr}, **flags})
         with triton_siso.mma_sync_compile() if name in args.mma_sync.split(",") else contextlib.nullcontext():
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": args.warps, "num_stages": args.stages})
-        print(f"{name:6s} {sass_stats(compiled.asm['cubin'], f'/tmp/{kernel}.cubin')}", flush=True)
+        print(f"{name:6s} {sass_stats(compiled.asm['cubin'])}", flush=True)
 
 
 if __name__ == "__main__":
