@@ -22,6 +22,11 @@ try:  # optional fast path
 except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
+try:  # split-key decoding; Triton is a core dependency, but a CPU-only install may lack it
+    from hybrid.kernels.decode_attention_triton import attention_decode_triton as _decode_triton
+except ImportError:  # pragma: no cover - depends on the machine
+    _decode_triton = None
+
 
 def flash_available(t: torch.Tensor) -> bool:
     return _flash_attn_func is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
@@ -67,9 +72,19 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """One query per sequence: q (B, H, 1, D), k/v (B, Hkv, S, D), ``valid`` (S,) or (B, S) keys it may see.
 
-    Two matmuls and a softmax that read the keys and values once. Used for decoding instead of SDPA, whose
-    dispatcher picks cuDNN for single-query shapes on Hopper and spends milliseconds of CPU time per call.
-    """
+    On CUDA the keys are split over many programs (``decode_attention_triton``): a single query parallelises
+    over batch x heads only, which at batch 1 leaves the GPU idle while it reads a long cache. Elsewhere, or
+    without Triton, ``attention_decode_torch``."""
+    if q.is_cuda and _decode_triton is not None:
+        return _decode_triton(q, k, v, valid)
+    return attention_decode_torch(q, k, v, valid)
+
+
+def attention_decode_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           valid: torch.Tensor | None) -> torch.Tensor:
+    """The reference of ``attention_decode``: two matmuls and a softmax that read the keys and values once.
+    (Not SDPA: its dispatcher picks cuDNN for single-query shapes on Hopper and spends milliseconds of CPU time
+    per call.)"""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     qg = q.view(B, Hkv, H // Hkv, D)  # the query heads of one KV head share its keys (GQA)
