@@ -13,6 +13,7 @@ on both ends, so a window of W keys is ``window_size=(W - 1, 0)``.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ except ImportError:  # pragma: no cover - depends on the machine
 try:  # split-key decoding; Triton is a core dependency, but a CPU-only install may lack it
     from hybrid.kernels.decode_attention_triton import attention_decode_triton as _decode_triton
 except ImportError:  # pragma: no cover - depends on the machine
+    _decode_triton = None
+if os.environ.get("HYBRID_DECODE_ATTENTION", "auto") == "torch":  # A/B runs: the eager path on CUDA too
     _decode_triton = None
 
 

@@ -24,6 +24,7 @@ import triton.language as tl
 
 BLOCK_S = 32  # keys per step of a program's walk
 TARGET_PROGRAMS = 512  # about four per SM on an H100: enough keys in flight to stream the cache at bandwidth
+NUM_WARPS, NUM_STAGES = 4, 2
 
 
 @triton.jit
@@ -40,25 +41,31 @@ def _split_kernel(Q, K, V, VALID, M_OUT, L_OUT, ACC, S, H, G, keys_per_split, sc
     v_base = V + b * s_vb + hk * s_vh
     start = split * keys_per_split
     stop = tl.minimum(start + keys_per_split, S)
+    offs = tl.arange(0, BLOCK_S)
+    k_ptrs = k_base + (start + offs)[:, None] * s_ks + d[None, :]  # advanced by a block each step: no 64-bit
+    v_ptrs = v_base + (start + offs)[:, None] * s_vs + d[None, :]  # address math per element in the loop
     m = tl.full((), float("-inf"), tl.float32)
     l_sum = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for s0 in range(start, stop, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        smask = s < stop
-        if HAS_VALID:
-            smask &= tl.load(VALID + b * s_valid_b + s, mask=smask, other=0) != 0
-        k = tl.load(k_base + s[:, None] * s_ks + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
-        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
-        scores = tl.where(smask, scores, float("-inf"))
+        s = s0 + offs
+        inside = s < stop
+        tile_mask = inside[:, None] & dmask[None, :]
+        k = tl.load(k_ptrs, mask=tile_mask, other=0.0)  # (BLOCK_S, BLOCK_D); both loads in flight together
+        v = tl.load(v_ptrs, mask=tile_mask, other=0.0)
+        seen = inside
+        if HAS_VALID:  # applied to the scores, so the key loads do not wait on it
+            seen &= tl.load(VALID + b * s_valid_b + s, mask=inside, other=0) != 0
+        scores = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))  # (BLOCK_S,)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep exp() away from inf - inf
-        p = tl.exp(scores - m_ref)  # (BLOCK_S,), 0 where masked
+        p = tl.exp(scores - m_ref)  # (BLOCK_S,), 0 where not seen
         alpha = tl.exp(m - m_ref)
-        v = tl.load(v_base + s[:, None] * s_vs + d[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m = m_new
+        k_ptrs += BLOCK_S * s_ks
+        v_ptrs += BLOCK_S * s_vs
     row = bh * n_splits + split
     tl.store(M_OUT + row, m)
     tl.store(L_OUT + row, l_sum)
@@ -128,8 +135,8 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _split_kernel[(B * H, splits)](
         q, k, v, valid_u8, m, l_sum, acc, S, H, H // Hkv, keys_per_split, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_VALID=valid is not None, num_warps=4,
-        num_stages=2)
+        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_VALID=valid is not None, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES)
     _combine_kernel[(B * H,)](m, l_sum, acc, out, H, splits, out.stride(0), out.stride(1), D=D, BLOCK_D=BLOCK_D,
                               BLOCK_SPLITS=32, num_warps=4)
     return out
