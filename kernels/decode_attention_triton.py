@@ -24,19 +24,23 @@ import triton.language as tl
 
 BLOCK_S = 32  # keys per step of a program's walk
 TARGET_PROGRAMS = 512  # about four per SM on an H100: enough keys in flight to stream the cache at bandwidth
-NUM_WARPS, NUM_STAGES = 4, 2
+NUM_WARPS, NUM_STAGES = 2, 2  # best of a sweep at 1 x 102400 and 16 x 102400 (scripts/bench_decode_attention.py)
+# Above this many (sequence, query head) rows the eager path's batched matmuls already stream the cache: at
+# 16 x 102400 (64 rows) they ran at 3.5 TB/s on an H200 against this kernel's 3.0; at 4 rows 240 against 138 us.
+MAX_ROWS = 32
 
 
 @triton.jit
-def _split_kernel(Q, K, V, VALID, M_OUT, L_OUT, ACC, S, H, G, keys_per_split, scale,
+def _split_kernel(Q, K, V, VALID, M_OUT, L_OUT, ACC, S, H, G, keys_per_split,
                   s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_valid_b, n_splits,
-                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr):
+                  D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
+                  SCALE: tl.constexpr):
     bh, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // G  # the query heads of a group share one KV head
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    q = tl.load(Q + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * scale  # (BLOCK_D,)
+    q = tl.load(Q + b * s_qb + h * s_qh + d, mask=dmask, other=0.0).to(tl.float32) * SCALE  # (BLOCK_D,)
     k_base = K + b * s_kb + hk * s_kh
     v_base = V + b * s_vb + hk * s_vh
     start = split * keys_per_split
@@ -133,9 +137,10 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         valid_u8, s_valid_b = m, 0  # never read
     _split_kernel[(B * H, splits)](
-        q, k, v, valid_u8, m, l_sum, acc, S, H, H // Hkv, keys_per_split, 1.0 / math.sqrt(D),
+        q, k, v, valid_u8, m, l_sum, acc, S, H, H // Hkv, keys_per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_VALID=valid is not None, num_warps=NUM_WARPS,
+        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_VALID=valid is not None,
+        SCALE=1.0 / math.sqrt(D), num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     _combine_kernel[(B * H,)](m, l_sum, acc, out, H, splits, out.stride(0), out.stride(1), D=D, BLOCK_D=BLOCK_D,
                               BLOCK_SPLITS=32, num_warps=4)

@@ -72,8 +72,10 @@ def test_gpu_split_decode_bf16(S):
     k = torch.randn(1, 4, S + 40, 192, device="cuda", dtype=torch.bfloat16, generator=gen)
     v = torch.randn(1, 4, S + 40, 192, device="cuda", dtype=torch.bfloat16, generator=gen)
     valid = torch.arange(S + 40, device="cuda") < S  # a static cache: the slots past the position are unwritten
-    out = attention_decode(q, k, v, valid)
+    out = dat.attention_decode_triton(q, k, v, valid)
     ref = oracle(q.float().cpu(), k.float().cpu(), v.float().cpu(), valid.cpu())
     torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=2e-2 / S ** 0.5 + 4e-3)
-    again = attention_decode(q, k, v, valid)
+    again = dat.attention_decode_triton(q, k, v, valid)
+    dispatched = attention_decode(q, k, v, valid)  # 4 rows: the split kernel
+    assert torch.equal(dispatched, out)
     assert torch.equal(out, again)  # no atomics: the same bits every run
