@@ -24,7 +24,6 @@ except ImportError:  # pragma: no cover - depends on the machine
     _flash_attn_func = None
 
 try:  # split-key decoding; Triton is a core dependency, but a CPU-only install may lack it
-    from hybrid.kernels.decode_attention_triton import MAX_ROWS as _DECODE_MAX_ROWS
     from hybrid.kernels.decode_attention_triton import attention_decode_triton as _decode_triton
 except ImportError:  # pragma: no cover - depends on the machine
     _decode_triton = None
@@ -76,10 +75,10 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """One query per sequence: q (B, H, 1, D), k/v (B, Hkv, S, D), ``valid`` (S,) or (B, S) keys it may see.
 
-    On CUDA with few (sequence, head) rows the keys are split over many programs (``decode_attention_triton``):
-    a single query parallelises over batch x heads only, which at batch 1 leaves the GPU idle while it reads a
-    long cache. With more rows, elsewhere, or without Triton, ``attention_decode_torch``."""
-    if q.is_cuda and _decode_triton is not None and q.shape[0] * q.shape[1] <= _DECODE_MAX_ROWS:
+    On CUDA the keys are split over many programs (``decode_attention_triton``): a single query parallelises
+    over batch x heads only, which at batch 1 leaves the GPU idle while it reads a long cache. Elsewhere, or
+    without Triton, ``attention_decode_torch``."""
+    if q.is_cuda and _decode_triton is not None:
         return _decode_triton(q, k, v, valid)
     return attention_decode_torch(q, k, v, valid)
 

@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 BLOCK_S = 32  # keys per step of a program's walk
-TARGET_PROGRAMS = 512  # about four per SM on an H100: enough keys in flight to stream the cache at bandwidth
-NUM_WARPS, NUM_STAGES = 2, 2  # best of a sweep at 1 x 102400 and 16 x 102400 (scripts/bench_decode_attention.py)
-# Above this many (sequence, query head) rows the eager path's batched matmuls already stream the cache: at
-# 16 x 102400 (64 rows) they ran at 3.5 TB/s on an H200 against this kernel's 3.0; at 4 rows 240 against 138 us.
-MAX_ROWS = 32
+# One-warp programs, about eight per SM: a warp reduces its scores and sums its values without waiting on
+# other warps. Best of a sweep (scripts/bench_decode_attention.py, H200, 4 heads of 192): 1 x 102400 in 128 us
+# (eager matmuls 240 us), 16 x 102400 in 1345 us (eager 1436 us: with 64 rows cuBLAS streams well too).
+TARGET_PROGRAMS = 1024
+NUM_WARPS, NUM_STAGES = 1, 2
 
 
 @triton.jit
