@@ -35,6 +35,11 @@ def flash_available(t: torch.Tensor) -> bool:
     return _flash_attn_func is not None and t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)
 
 
+def split_decode_available(t: torch.Tensor) -> bool:
+    """Whether ``attention_decode`` runs the split-key Triton kernel for queries like ``t``."""
+    return t.is_cuda and _decode_triton is not None
+
+
 def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
                  q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (B or 1, 1, Tq, Tk): True where query i may attend to key j."""
@@ -78,7 +83,7 @@ def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
     On CUDA the keys are split over many programs (``decode_attention_triton``): a single query parallelises
     over batch x heads only, which at batch 1 leaves the GPU idle while it reads a long cache. Elsewhere, or
     without Triton, ``attention_decode_torch``."""
-    if q.is_cuda and _decode_triton is not None:
+    if split_decode_available(q):
         return _decode_triton(q, k, v, valid)
     return attention_decode_torch(q, k, v, valid)
 

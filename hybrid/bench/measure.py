@@ -123,7 +123,8 @@ def prefill_cached(model: HybridLM, tokens: torch.Tensor, cache, chunk: int = 16
 
 def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
     """Which implementation each kind of mixer runs on ``device`` (timings mean little without it)."""
-    from hybrid.kernels.attention import flash_available
+    from hybrid.kernels.attention import flash_available, split_decode_available
+    from hybrid.layers.attention import Attention
     from hybrid.layers.block_topk import BlockTopk
     from hybrid.layers.mamba3 import Mamba3
 
@@ -144,5 +145,7 @@ def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
                 backend = "auto (triton kernel where it applies)" if device.type == "cuda" else "auto (sdpa)"
             elif backend == "auto":
                 backend = "auto (flash-attn)" if flash_available(probe) else "auto (sdpa/flex)"
+            if isinstance(module, Attention):  # single-query decode steps take their own path
+                backend += ", decode: " + ("triton split-key" if split_decode_available(probe) else "torch matmuls")
             out[name] = backend
     return out
