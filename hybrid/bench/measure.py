@@ -145,7 +145,7 @@ def backends(model: HybridLM, device: torch.device) -> dict[str, str]:
                 backend = "auto (triton kernel where it applies)" if device.type == "cuda" else "auto (sdpa)"
             elif backend == "auto":
                 backend = "auto (flash-attn)" if flash_available(probe) else "auto (sdpa/flex)"
-            if isinstance(module, Attention):  # single-query decode steps take their own path
+            if type(module) is Attention:  # its single-query decode steps take their own path (not block top-k's)
                 backend += ", decode: " + ("triton split-key" if split_decode_available(probe) else "torch matmuls")
             out[name] = backend
     return out
