@@ -154,4 +154,5 @@ def test_backends_name_every_mixer_kind():
 
     model = hybrid.build_model("MKA", d_model=32, vocab_size=64, symbols={"M": {"mixer": "mamba3", "mimo_rank": 2}})
     assert measure.backends(model, torch.device("cpu")) == {
-        "Mamba3": "torch scan, torch decode step", "BlockTopk": "auto (sdpa)", "Attention": "auto (sdpa/flex), decode: torch matmuls"}
+        "Mamba3": "torch scan, torch decode step", "BlockTopk": "auto (sdpa)",
+        "Attention": "auto (sdpa/flex), decode: torch matmuls"}
