@@ -117,3 +117,33 @@ def test_reader_count_is_scratch_not_state():
     assert cache.readers.shape == (2, layer.H) and cache.readers.dtype == torch.int32
     assert all(t is not cache.readers for t, _ in cache_tensors(cache))
     assert len(list(cache_tensors(cache))) == 4
+
+
+@pytest.mark.parametrize("variant", ["mimo2", "mimo4-groups-fixed-rope"])
+def test_fused_step_tensor_core_mimo_path(variant, monkeypatch):
+    """The MIMO update and readout as two products over 16 rank slots (the path for 16-bit states), forced here
+    in fp32 so that the interpreter checks its slot bookkeeping exactly."""
+    real = triton_mixer_step.mamba3_mixer_step_
+    monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: real(*a, **k, dot16=True))
+    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda *args: (16, 1, 1))
+    outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
+    assert calls == 5
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for name in ("angle", "ssm", "k", "v"):
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [2, 4, 8])
+def test_gpu_tensor_core_mimo_step_bf16_state(rank, monkeypatch):
+    """The tensor-core MIMO path with a bf16 state at the issue's d_model 1024 shape, against the unfused Triton
+    step: its operands are rounded to bf16, as the state is anyway."""
+    real = triton_mixer_step.mamba3_mixer_step_
+    monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: real(*a, **k, dot16=True))
+    outs, caches, calls = _decode_both("mimo2", torch.bfloat16, "cuda", monkeypatch, d_model=1024, d_state=128,
+                                       headdim=64, chunk_size=64, mimo_rank=rank, state_dtype="model")
+    assert calls == 5 and caches[1].ssm.dtype == torch.bfloat16
+    assert float((outs[1].float() - outs[0].float()).norm() / outs[0].float().norm()) < 1e-2
+    for name in ("angle", "ssm", "k", "v"):
+        a, b = getattr(caches[1], name).float(), getattr(caches[0], name).float()
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-2, name

@@ -21,6 +21,7 @@ with or without BCNorm and B/C biases, no output norm (the layer falls back to i
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -68,9 +69,12 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
                        off_b, off_c, off_dt, off_a, off_lam, off_th, eps, a_floor, lam_fixed,
                        R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, BP: tl.constexpr, SPLIT: tl.constexpr,
                        HALF: tl.constexpr, MIMO: tl.constexpr, BC_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HEAVY_TAIL: tl.constexpr, LEARNED_LAM: tl.constexpr, ROTATION: tl.constexpr):
+                       HEAVY_TAIL: tl.constexpr, LEARNED_LAM: tl.constexpr, ROTATION: tl.constexpr,
+                       DOT16: tl.constexpr, RK: tl.constexpr):
     """ROTATION: 0 none, 1 data-dependent (pi tanh(u_theta) scaled by dt), 2 data-independent (fixed rates).
     HALF pairs channels (i, i + N/2) (MIMO), else (2i, 2i + 1) (SISO). MIMO: per-rank scales of x, z and the output.
+    DOT16 (MIMO with a 16-bit state): the rank-summed update and the readout are two tensor-core products in the
+    state's type, over RK = 16 rank slots (rows j hold rank j % R: the R previous keys, the R current keys, zeros).
 
     SPLIT programs share a (sequence, head), each with P / SPLIT of its state rows: at batch 1 one program per head
     leaves most SMs idle. They all read the head's angle and cached keys, so those are rewritten only once every
@@ -81,7 +85,8 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     row = PROJ + b * s_proj
     dtype = OUT.dtype.element_ty
     n = tl.arange(0, N)
-    r = tl.arange(0, R)
+    slot = tl.arange(0, RK)
+    r = slot % R  # the rank each of the RK slots holds (RK = R unless DOT16)
     # The first state block is loaded before the prologue (dependent loads and reductions) so the two overlap.
     PART: tl.constexpr = P // SPLIT  # state rows of this program: [first_row, first_row + PART)
     first_row = part * PART
@@ -124,6 +129,9 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
     k_prev = tl.load(kc).to(tl.float32)
     if not MIMO:  # SISO: plain (N,) vectors and (BP, N) tiles
         q1, k1, k_prev1 = tl.sum(q, axis=0), tl.sum(k, axis=0), tl.sum(k_prev, axis=0)
+    if DOT16:  # the products' operands, once per program: keys (RK, N) and queries (N, RK)
+        keys16 = tl.where(slot[:, None] < R, k_prev, tl.where(slot[:, None] < 2 * R, k, 0.0)).to(SSM.dtype.element_ty)
+        q_t16 = tl.trans(tl.where(slot[:, None] < R, q, 0.0).to(SSM.dtype.element_ty))
 
     alpha = tl.exp(a)
     beta = (1.0 - lam) * dt * alpha
@@ -138,7 +146,18 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         x = tl.load(row + d_inner + h * P + p).to(tl.float32)
         z = tl.load(row + h * P + p).to(tl.float32)
         x_prev = tl.load(VC + (b * H + h) * P + p).to(tl.float32)
-        if MIMO:
+        if DOT16:  # (BP, RK) tiles: slot j of row p holds rank j % R
+            scale = tl.load(MIMO_X + (h * R + r[None, :]) * P + p[:, None]).to(tl.float32)
+            coef = tl.where(slot[None, :] < R, beta * x_prev[:, None],
+                            tl.where(slot[None, :] < 2 * R, gamma * x[:, None], 0.0)) * scale
+            st = alpha * st_old + tl.dot(coef.to(SSM.dtype.element_ty), keys16)
+            y = (tl.dot(st.to(SSM.dtype.element_ty), q_t16) + d_skip * scale * x[:, None]).to(dtype).to(tl.float32)
+            zr = (z[:, None] * tl.load(MIMO_Z + (h * R + r[None, :]) * P + p[:, None]).to(tl.float32)).to(dtype)
+            zr = zr.to(tl.float32)
+            o = (y * (zr * tl.sigmoid(zr)).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            o = (o * tl.load(MIMO_O + (h * R + r[None, :]) * P + p[:, None]).to(tl.float32)).to(dtype).to(tl.float32)
+            out = tl.sum(tl.where(slot[None, :] < R, o, 0.0), axis=1)
+        elif MIMO:
             scale = tl.load(MIMO_X + (h * R + r[:, None]) * P + p[None, :]).to(tl.float32)  # (R, BP)
             # rank-summed outer products of the previous and the current token: (R, BP, N) summed over R
             upd = (beta * scale * x_prev[None, :])[:, :, None] * k_prev[:, None, :] \
@@ -164,9 +183,12 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         # (the count is broadcast before the comparison: the interpreter cannot `and` a tensor mask with a scalar)
         if ROTATION != 0:
             tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first & (pair * 0 + arrived == SPLIT - 1))
-        tl.store(kc, k.to(KC.dtype.element_ty), mask=(r[:, None] * 0 + n[None, :] * 0 + arrived) == SPLIT - 1)
+        tl.store(kc, k.to(KC.dtype.element_ty), mask=(slot[:, None] < R) & ((n[None, :] * 0 + arrived) == SPLIT - 1))
     else:
-        tl.store(kc, k.to(KC.dtype.element_ty))
+        tl.store(kc, k.to(KC.dtype.element_ty), mask=(slot[:, None] < R) & (n[None, :] < N))
+
+
+MIMO_DOT16 = os.environ.get("HYBRID_MIMO_DOT16") == "1"  # not yet measured on a GPU: off unless asked for
 
 
 def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
@@ -201,7 +223,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
                        mimo_x: torch.Tensor | None = None, mimo_z: torch.Tensor | None = None,
                        mimo_o: torch.Tensor | None = None, pairing: str = "interleaved", out: torch.Tensor | None = None,
                        readers: torch.Tensor | None = None, block_rows: int | None = None, num_warps: int | None = None,
-                       row_split: int | None = None) -> torch.Tensor:
+                       row_split: int | None = None, dot16: bool | None = None) -> torch.Tensor:
     """One decode step of a Mamba-3 mixer (SISO, or MIMO of rank R) from its ``in_proj`` row to the gated row
     ``out_proj`` reads.
 
@@ -233,6 +255,15 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
         raise ValueError(f"{split} programs per head cannot share {P} state rows in blocks of {bp}")
     if readers is not None and (readers.shape != (Bsz, H) or readers.dtype != torch.int32):
         raise ValueError(f"readers must be a (B, H) = {(Bsz, H)} int32 tensor, got {readers.dtype} {tuple(readers.shape)}")
+    # MIMO with a 16-bit state: update and readout as tensor-core products (blocks of 16 rows at least)
+    # (``dot16=True`` forces it whatever the state's type: the CPU tests check the path in fp32)
+    if dot16 is None:
+        dot16 = MIMO_DOT16 and state.ssm.dtype in (torch.bfloat16, torch.float16)
+    dot16 = dot16 and mimo
+    if dot16:
+        bp = max(bp, 16)
+        if bp > P // split:
+            raise ValueError(f"the MIMO tensor-core step needs 16 state rows per program, got {P // split}")
     dummy = dt_bias
 
     def arg(t):
@@ -247,5 +278,5 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
         HAS_BIAS=B_bias is not None,
         HEAVY_TAIL=a_activation == "heavy_tail", LEARNED_LAM=trapezoid == "learned",
         ROTATION={"none": 0, "data_dependent": 1, "data_independent": 2}[rotation] if S else 0,
-        num_warps=warps)
+        DOT16=dot16, RK=16 if dot16 else R, num_warps=warps)
     return y
