@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_S = 32  # keys per step of a program's walk
+BLOCK_S = 32  # keys per step of a program's walk (fewer for heads wider than 256, see block_keys)
 # One-warp programs, about eight per SM: a warp reduces its scores and sums its values without waiting on
 # other warps. Best of a sweep (scripts/bench_decode_attention.py, H200, 4 heads of 192): 1 x 102400 in 128 us
 # (eager matmuls 240 us), 16 x 102400 in 1345 us (eager 1436 us: with 64 rows cuBLAS streams well too).
@@ -102,10 +102,16 @@ def _combine_kernel(M_IN, L_IN, ACC, O, H, n_splits, s_ob, s_oh,
     tl.store(O + b * s_ob + h * s_oh + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
-def num_splits(batch_heads: int, keys: int) -> int:
+def block_keys(block_d: int) -> int:
+    """Keys per step: BLOCK_S up to heads of 256 (a (32, 256) tile already spills a little at one warp, and was
+    still the fastest measured at head size 192), fewer beyond so a step's tile stays at 8192 elements."""
+    return max(8, min(BLOCK_S, 8192 // block_d))
+
+
+def num_splits(batch_heads: int, keys: int, block_s: int = BLOCK_S) -> int:
     """Key ranges per (sequence, head): about TARGET_PROGRAMS programs in all, at least one block of keys each.
     A function of the shapes only, so a captured decode step replays with the same launch."""
-    return max(1, min(triton.cdiv(keys, BLOCK_S), triton.cdiv(TARGET_PROGRAMS, batch_heads)))
+    return max(1, min(triton.cdiv(keys, block_s), triton.cdiv(TARGET_PROGRAMS, batch_heads)))
 
 
 def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -121,8 +127,9 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a contiguous last (head) dimension")
     BLOCK_D = triton.next_power_of_2(D)
-    splits = num_splits(B * H, S)
-    keys_per_split = triton.cdiv(triton.cdiv(S, splits), BLOCK_S) * BLOCK_S
+    block_s = block_keys(BLOCK_D)
+    splits = num_splits(B * H, S, block_s)
+    keys_per_split = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
     splits = triton.cdiv(S, keys_per_split)  # no empty ranges
     dev = q.device
     m = torch.empty(B * H * splits, device=dev, dtype=torch.float32)
@@ -139,7 +146,7 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _split_kernel[(B * H, splits)](
         q, k, v, valid_u8, m, l_sum, acc, S, H, H // Hkv, keys_per_split,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S, HAS_VALID=valid is not None,
+        s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s, HAS_VALID=valid is not None,
         SCALE=1.0 / math.sqrt(D), num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     _combine_kernel[(B * H,)](m, l_sum, acc, out, H, splits, out.stride(0), out.stride(1), D=D, BLOCK_D=BLOCK_D,

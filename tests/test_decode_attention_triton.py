@@ -24,6 +24,7 @@ def oracle(q, k, v, valid):
     (2, 4, 2, 70, 24, "shared"),  # ragged: 70 keys in blocks of 32, D not a power of two, GQA
     (2, 4, 4, 97, 16, "per_sequence"),
     (3, 2, 1, 200, 8, "per_sequence"),  # one sequence sees no key at all
+    (1, 2, 2, 50, 320, None),  # a head wider than 256: fewer keys per step
 ])
 def test_split_decode_matches_oracle(B, H, Hkv, S, D, valid_kind, monkeypatch):
     monkeypatch.setattr(dat, "TARGET_PROGRAMS", 16)  # several key ranges per head even at these sizes
