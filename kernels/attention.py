@@ -36,8 +36,9 @@ def flash_available(t: torch.Tensor) -> bool:
 
 
 def split_decode_available(t: torch.Tensor) -> bool:
-    """Whether ``attention_decode`` runs the split-key Triton kernel for queries like ``t``."""
-    return t.is_cuda and _decode_triton is not None
+    """Whether ``attention_decode`` runs the split-key Triton kernel for queries like ``t`` (it computes in fp32, so
+    float64 keeps the eager path)."""
+    return t.is_cuda and _decode_triton is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
