@@ -61,11 +61,13 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
     row["layer_step_us"] = graph_us(lambda: layer(x, cache=cache))
     kernel = {}
     splits = (1, 2, 4, 8) if batch * layer.H < 512 else (1,)  # programs per head: only worth it with few heads
-    for split, bp, warps in itertools.product(splits, (8, 16, 32, 64), (1, 2, 4, 8)):
-        if bp > layer.P // split:
+    # MIMO with a 16-bit state: also the tensor-core path (dot16; blocks of 16 rows at least)
+    dots = (False, True) if rank > 1 and cache.ssm.dtype != torch.float32 else (False,)
+    for split, bp, warps, dot in itertools.product(splits, (8, 16, 32, 64), (1, 2, 4, 8), dots):
+        if bp > layer.P // split or dot and bp < 16:
             continue
 
-        def step(bp=bp, warps=warps, split=split):
+        def step(bp=bp, warps=warps, split=split, dot=dot):
             return triton_mixer_step.mamba3_mixer_step_(
                 proj, cache.state(), d_inner=layer.d_inner, heads=layer.H, groups=layer.G, d_state=layer.N,
                 headdim=layer.P, n_angles=layer.S, dt_bias=layer.dt_bias, D=layer.D,
@@ -74,15 +76,19 @@ def case(name: str, d_model: int, batch: int, rank: int, state: str) -> dict:
                 a_activation=layer.cfg.a_activation, trapezoid=layer.cfg.trapezoid, rotation=layer.cfg.rotation,
                 rank=layer.R, mimo_x=getattr(layer, "mimo_x", None), mimo_z=getattr(layer, "mimo_z", None),
                 mimo_o=getattr(layer, "mimo_o", None), pairing=layer.pairing, out=gated, readers=cache.readers,
-                block_rows=bp, num_warps=warps, row_split=split)
+                block_rows=bp, num_warps=warps, row_split=split, dot16=dot)
+        name = f"s{split}_bp{bp}_w{warps}" + ("_dot16" if dot else "")
         try:
-            kernel[f"s{split}_bp{bp}_w{warps}"] = graph_us(step)
+            kernel[name] = graph_us(step)
         except Exception as exc:  # noqa: BLE001 - a config that does not compile (registers) is skipped
-            kernel[f"s{split}_bp{bp}_w{warps}"] = f"{type(exc).__name__}"
+            kernel[name] = f"{type(exc).__name__}"
     row["kernel_us"] = kernel
     timed = {k: v for k, v in kernel.items() if isinstance(v, float)}
     row["best"] = min(timed, key=timed.get)
     row["best_kernel_us"] = timed[row["best"]]
+    plain = {k: v for k, v in timed.items() if not k.endswith("_dot16")}
+    if len(plain) < len(timed):  # the best of each path, for the A/B
+        row["best_plain"], row["best_dot16"] = min(plain, key=plain.get), min(set(timed) - set(plain), key=timed.get)
     state_bytes = cache.ssm.numel() * cache.ssm.element_size()
     row["state_GBps_at_best"] = 2 * state_bytes / (row["best_kernel_us"] * 1e3)
     return row
