@@ -78,14 +78,17 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
 
 
-def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                     key_end: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """One query per sequence: q (B, H, 1, D), k/v (B, Hkv, S, D), ``valid`` (S,) or (B, S) keys it may see.
+    ``key_end`` / ``window``: a bound on the valid slots (``attention_decode_triton``) that lets the kernel skip
+    the rest; the result is the same without it.
 
     On CUDA the keys are split over many programs (``decode_attention_triton``): a single query parallelises
     over batch x heads only, which at batch 1 leaves the GPU idle while it reads a long cache. Elsewhere, or
     without Triton, ``attention_decode_torch``."""
     if split_decode_available(q):
-        return _decode_triton(q, k, v, valid)
+        return _decode_triton(q, k, v, valid, key_end, window)
     return attention_decode_torch(q, k, v, valid)
 
 

@@ -31,10 +31,10 @@ NUM_WARPS, NUM_STAGES = 1, 2
 
 
 @triton.jit
-def _split_kernel(Q, K, V, VALID, M_OUT, L_OUT, ACC, S, H, G, keys_per_split,
+def _split_kernel(Q, K, V, VALID, KEY_END, M_OUT, L_OUT, ACC, S, H, G, keys_per_split, window,
                   s_qb, s_qh, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_valid_b, n_splits,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr,
-                  SCALE: tl.constexpr):
+                  HAS_END: tl.constexpr, SCALE: tl.constexpr):
     bh, split = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     hk = h // G  # the query heads of a group share one KV head
@@ -45,6 +45,11 @@ def _split_kernel(Q, K, V, VALID, M_OUT, L_OUT, ACC, S, H, G, keys_per_split,
     v_base = V + b * s_vb + hk * s_vh
     start = split * keys_per_split
     stop = tl.minimum(start + keys_per_split, S)
+    if HAS_END:  # a static cache: no key at or past KEY_END (nor before KEY_END - window) is valid; skip reading them
+        end = tl.load(KEY_END).to(tl.int64)
+        stop = tl.minimum(stop, end)
+        if window > 0:
+            start = tl.maximum(start, end - window)
     offs = tl.arange(0, BLOCK_S)
     k_ptrs = k_base + (start + offs)[:, None] * s_ks + d[None, :]  # advanced by a block each step: no 64-bit
     v_ptrs = v_base + (start + offs)[:, None] * s_vs + d[None, :]  # address math per element in the loop
@@ -114,10 +119,14 @@ def num_splits(batch_heads: int, keys: int, block_s: int = BLOCK_S) -> int:
     return max(1, min(triton.cdiv(keys, block_s), triton.cdiv(TARGET_PROGRAMS, batch_heads)))
 
 
-def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            valid: torch.Tensor | None) -> torch.Tensor:
+def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                            key_end: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """q (B, H, 1, D), k / v (B, Hkv, S, D) (any strides with a unit last one), ``valid`` (S,) or (B, S) boolean
-    keys the query may see (None: all) -> (B, H, 1, D) in q's dtype."""
+    keys the query may see (None: all) -> (B, H, 1, D) in q's dtype.
+
+    ``key_end`` (a one-element integer tensor on the device, read by the kernel) promises that no slot at or past
+    it, nor before ``key_end - window``, is valid: those slots are not read. A static cache allocated for a
+    whole generation then costs what it holds so far, with shapes (and a captured graph) that never change."""
     B, H, Tq, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if Tq != 1:
@@ -144,10 +153,11 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         valid_u8, s_valid_b = m, 0  # never read
     _split_kernel[(B * H, splits)](
-        q, k, v, valid_u8, m, l_sum, acc, S, H, H // Hkv, keys_per_split,
+        q, k, v, valid_u8, key_end if key_end is not None else m, m, l_sum, acc, S, H, H // Hkv, keys_per_split,
+        window or 0,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         s_valid_b, splits, D=D, BLOCK_D=BLOCK_D, BLOCK_S=block_s, HAS_VALID=valid is not None,
-        SCALE=1.0 / math.sqrt(D), num_warps=NUM_WARPS,
+        HAS_END=key_end is not None, SCALE=1.0 / math.sqrt(D), num_warps=NUM_WARPS,
         num_stages=NUM_STAGES)
     _combine_kernel[(B * H,)](m, l_sum, acc, out, H, splits, out.stride(0), out.stride(1), D=D, BLOCK_D=BLOCK_D,
                               BLOCK_SPLITS=32, num_warps=4)

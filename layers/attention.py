@@ -168,7 +168,7 @@ class Attention(Mixer):
             raise ValueError(f"a static (graph) decode step takes one token per sequence, got {x.shape[1]}")
         q, k, v = self.qkv(x, cache.device_pos)
         keys, values, valid = cache.extend_static(k, v)  # the whole buffer and which slots the query sees
-        return self.project_out(attention_decode(q, keys, values, valid))
+        return self.project_out(attention_decode(q, keys, values, valid, *cache.static_key_bound()))
 
     def _attend(self, q, k, v, q_pos, k_pos, seq_idx):
         window, backend = self.cfg.window, self.cfg.backend

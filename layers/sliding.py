@@ -85,3 +85,11 @@ class KVCache:
                 valid = valid & (p - s < self.window)
         self.device_pos += 1
         return self.k, self.v, valid
+
+    def static_key_bound(self) -> tuple[torch.Tensor | None, int | None]:
+        """(key_end, window) for ``attention_decode`` after ``extend_static``: in a plain buffer slot s holds
+        position s, so no slot at or past the advanced ``device_pos`` is valid (nor, with a window, before
+        ``device_pos - window``). A ring buffer has no such bound: (None, None)."""
+        if self.ring or self.device_pos is None:
+            return None, None
+        return self.device_pos, self.window

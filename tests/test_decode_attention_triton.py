@@ -80,3 +80,24 @@ def test_gpu_split_decode_bf16(S):
     dispatched = attention_decode(q, k, v, valid)  # the layer's path on CUDA
     assert torch.equal(dispatched, out)
     assert torch.equal(out, again)  # no atomics: the same bits every run
+
+
+@pytest.mark.parametrize("end,window", [(45, None), (45, 20), (1, None), (130, 7)])
+def test_key_bound_skips_only_invalid_slots(end, window, monkeypatch):
+    """A static cache's bound (key_end, window): the slots it excludes are not read, and the result equals the
+    unbounded one. Slots past the bound hold NaN here, so reading one would show."""
+    monkeypatch.setattr(dat, "TARGET_PROGRAMS", 16)
+    gen = torch.Generator().manual_seed(end)
+    S = 130
+    q = torch.randn(2, 4, 1, 24, generator=gen)
+    k, v = torch.randn(2, 2, S, 24, generator=gen), torch.randn(2, 2, S, 24, generator=gen)
+    s = torch.arange(S)
+    valid = s < end
+    if window is not None:
+        valid &= s >= end - window
+    k[:, :, ~valid], v[:, :, ~valid] = float("nan"), float("nan")
+    out = dat.attention_decode_triton(q, k, v, valid, torch.tensor([end]), window)
+    assert torch.isfinite(out).all()
+    kc, vc = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    torch.testing.assert_close(out, dat.attention_decode_triton(q, kc, vc, valid), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.double(), oracle(q, kc, vc, valid), rtol=1e-5, atol=1e-5)
