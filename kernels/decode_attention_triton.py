@@ -148,7 +148,7 @@ def attention_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v
     if valid is not None:
         if valid.shape[-1] != S or valid.ndim not in (1, 2):
             raise ValueError(f"valid must be (S,) or (B, S) with S = {S}, got {tuple(valid.shape)}")
-        valid_u8 = valid.to(torch.uint8) if valid.dtype != torch.uint8 else valid
+        valid_u8 = valid.to(torch.uint8).contiguous()  # the kernel steps through keys with unit stride
         s_valid_b = valid_u8.stride(0) if valid.ndim == 2 else 0
     else:
         valid_u8, s_valid_b = m, 0  # never read

@@ -206,7 +206,8 @@ def main() -> None:
     ap.add_argument("--no-capture", action="store_true", help="type arguments by name, unspecialised (the old way)")
     ap.add_argument("--lines", type=int, default=0, help="print the N source lines with the most instructions")
     args = ap.parse_args()
-    flags = dict(FLAGS, **{k: int(v) for k, v in (kv.split("=") for kv in args.set)})
+    overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.set)}
+    flags = dict(FLAGS, **overrides)
     launches = {} if args.no_capture else capture_launches()
     for name in args.kernels.split(","):
         module, kernel = KERNELS[name]
@@ -214,7 +215,7 @@ def main() -> None:
         attrs = {}
         if launches:
             sig, constexprs, attrs = specialised(fn, launches[name])
-            constexprs.update({k: v for k, v in flags.items() if k in constexprs and k not in FLAGS})  # --set
+            constexprs.update({k: v for k, v in overrides.items() if k in constexprs})  # --set wins over the launch
         else:  # a constexpr this table does not know (a flag added on a branch) compiles as 1; --set overrides it
             sig, constexprs = signature(fn, {**{p.name: 1 for p in fn.params if p.is_constexpr}, **flags})
         with triton_siso.mma_sync_compile() if name in args.mma_sync.split(",") else contextlib.nullcontext():

@@ -183,9 +183,14 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         # (the count is broadcast before the comparison: the interpreter cannot `and` a tensor mask with a scalar)
         if ROTATION != 0:
             tl.store(ANGLE + (b * H + h) * S + pair, theta, mask=pmask & first & (pair * 0 + arrived == SPLIT - 1))
-        tl.store(kc, k.to(KC.dtype.element_ty), mask=(slot[:, None] < R) & ((n[None, :] * 0 + arrived) == SPLIT - 1))
-    else:
+        last = (slot[:, None] * 0 + n[None, :] * 0 + arrived) == SPLIT - 1
+        if DOT16:  # only the first R of the RK slots are real ranks
+            last = last & (slot[:, None] < R)
+        tl.store(kc, k.to(KC.dtype.element_ty), mask=last)
+    elif DOT16:  # only the first R of the RK slots are real ranks
         tl.store(kc, k.to(KC.dtype.element_ty), mask=(slot[:, None] < R) & (n[None, :] < N))
+    else:
+        tl.store(kc, k.to(KC.dtype.element_ty))
 
 
 MIMO_DOT16 = os.environ.get("HYBRID_MIMO_DOT16") == "1"  # not yet measured on a GPU: off unless asked for
