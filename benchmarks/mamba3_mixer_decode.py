@@ -16,6 +16,7 @@ import argparse
 import json
 
 import torch
+from hybrid.kernels.mamba3 import triton_mixer_step
 from hybrid.layers.mamba3 import Mamba3, Mamba3Config
 
 CASES = [  # (name, d_model, batch, target_ms, MIMO rank, fused SISO mixer step, cache state dtype)
@@ -76,7 +77,9 @@ def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int
            "state_dtype": str(cache.ssm.dtype),
            "target_ms": target_ms,
            "triton_step": layer._use_triton_mimo_step(x) if rank > 1 else layer._use_triton(x, None),
-           "fused_mixer_step": layer._use_fused_step(x, None)}  # one kernel between the projections
+           "fused_mixer_step": layer._use_fused_step(x, None),  # one kernel between the projections
+           "mimo_tensor_cores": rank > 1 and triton_mixer_step.tensor_core_default(batch * layer.H, layer.P, rank,
+                                                                                  cache.ssm.dtype)}
     row["eager_ms"] = median_ms(lambda: layer(x, cache=cache))
     row["graph_ms"] = median_ms(graphed(lambda: layer(x, cache=cache)))
     compiled = torch.compile(layer)

@@ -30,6 +30,8 @@ CASES = [  # (name, d_model, batch, MIMO rank, cache state dtype)
     ("table6_b128_bf16", 2048, 128, 1, "model"),
     ("table6_b128_mimo4_fp32", 2048, 128, 4, "float32"),
     ("table6_b128_mimo4_bf16", 2048, 128, 4, "model"),
+    ("d1024_b1_mimo4_bf16", 1024, 1, 4, "model"),  # few programs: does the tensor-core path pay there too?
+    ("d1024_b16_mimo4_bf16", 1024, 16, 4, "model"),
 ]
 REPEAT = 20
 

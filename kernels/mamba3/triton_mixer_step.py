@@ -193,7 +193,8 @@ def _mixer_step_kernel(PROJ, DT_BIAS, D, B_NORM_W, C_NORM_W, B_BIAS, C_BIAS, ROP
         tl.store(kc, k.to(KC.dtype.element_ty))
 
 
-MIMO_DOT16 = os.environ.get("HYBRID_MIMO_DOT16") == "1"  # not yet measured on a GPU: off unless asked for
+# HYBRID_MIMO_DOT16=0 keeps the plain MIMO path for 16-bit states too (A/B runs)
+MIMO_DOT16 = os.environ.get("HYBRID_MIMO_DOT16", "1") != "0"
 
 
 def unsupported_reason(d_state: int, headdim: int, rank: int, outproj_norm: bool) -> str | None:
@@ -218,6 +219,15 @@ def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int, int
         split = max(1, min(headdim // 8, 256 // programs))  # MIMO's rows carry R-fold work: split finer
         return (headdim // split, 2, split) if split > 1 else (min(headdim, 64), 8, 1)
     return min(headdim, 8), 1, 1  # bandwidth-bound: many small programs
+
+
+def tensor_core_default(programs: int, headdim: int, rank: int, state_dtype: torch.dtype) -> bool:
+    """Whether a MIMO step runs its update and readout as tensor-core products by default: with a 16-bit state
+    (its operands are rounded to the state's type, which the state is anyway) in the bandwidth-bound regime where it
+    was measured (H100, Table 6 MIMO-4, bf16 state: kernel 195 -> 136 us, ``docs/reports/mixer_step_sweep_h100_v6.json``).
+    With few programs the plain path's finer row split is kept; headdims under 16 cannot fill the product's rows."""
+    return (MIMO_DOT16 and rank > 1 and state_dtype in (torch.bfloat16, torch.float16) and programs >= 512
+            and headdim >= 16)
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
@@ -263,7 +273,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     # MIMO with a 16-bit state: update and readout as tensor-core products (blocks of 16 rows at least)
     # (``dot16=True`` forces it whatever the state's type: the CPU tests check the path in fp32)
     if dot16 is None:
-        dot16 = MIMO_DOT16 and state.ssm.dtype in (torch.bfloat16, torch.float16)
+        dot16 = tensor_core_default(Bsz * H, P, R, state.ssm.dtype)
     dot16 = dot16 and mimo
     if dot16:
         bp = max(bp, 16)
