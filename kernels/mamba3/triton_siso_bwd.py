@@ -9,14 +9,15 @@ Backward, four launches mirroring the forward:
 
     1. _chunk_scan_bwd_dq grid (chunks, B*H)   query side of chunk c: dq (un-rotated, per head), the intra and
                                                inter terms of d log-decay, d scale, d gamma, d angle, and
-                                               dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c)
+                                               dG_in[c] = sum_j e^{cs_j} dy_j q_j^T (what chunk c's outputs ask of G_c);
+                                               from the scores it holds, dx's intra-chunk and skip terms and d D
     2. state_passing_bwd  (triton_state_passing.py) reverse scan: dG_c = dG_in[c] + e^{cs_last} dG_{c+1}; the gradient
                                                into each chunk's local state; partial sums of d cs_last
-    3. _chunk_scan_bwd_dx (same grid)          value side: dx, d D
+    3. _chunk_scan_bwd_dx (same grid)          dx's local-state term, added in place (k rotated, no scores)
     4. _chunk_scan_bwd_dk (same grid)          key side: dk, local-state terms; completes d log-decay and d angle
-                                               (reverse cumulative sums). Three kernels rather than one keep fewer
-                                               (C, C) and (C, N/2) tiles live per program (the fused key/value
-                                               kernel spilled ~110 registers a thread).
+                                               (reverse cumulative sums). Separate kernels keep fewer (C, C) and
+                                               (C, N/2) tiles live per program (a fused key/value kernel spilled ~110
+                                               registers a thread); the scores are taken twice (forward and dq).
 
 PyTorch glue (``mamba3_siso_chunk_bwd``) sums per-head q/k gradients into their groups and biases, turns
 d scale / d gamma into d dt / d lambda, and d angle into d omega / d dt with a reverse cumulative sum
@@ -41,6 +42,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     _chunk_scores,
     _from_eo,
     _qk_pairs,
+    _rotated_pairs,
     _store_angle_grad,
     _to_eo,
     _unrotate,
@@ -81,7 +83,7 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 
 @triton.jit
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY,
-                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN,
+                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
@@ -89,7 +91,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
                        HEADS_FIRST: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
-    ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks)."""
+    ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
+    intra-chunk term, dx_i = sum_j w_ji s_ji dy_j, from the scores it holds anyway (the dx kernel adds the rest)."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -103,6 +106,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
     decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
     dw = scores * dyx
+    sw = (scores * w).to(dtype)  # [query j, key i]
     pw = tl.where(below, dw * w, 0.0)
     dcs = tl.sum(pw, axis=1) - tl.sum(pw, axis=0)
     dscale = tl.sum(tl.where(below, dw * decay, 0.0), axis=0)
@@ -143,50 +147,46 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
     tl.store(DCS_PART + coef, dcs, mask=tmask)
     tl.store(DSCALE + coef, dscale, mask=tmask)
     tl.store(DGAMMA + coef, dgamma, mask=tmask)
+    # Last: a store before the column loop would keep the compiler from reusing the scores' q / k loads and angles
+    # in the loop's first block (it cannot tell that DX does not alias them).
+    dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j
+    tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
-def _chunk_scan_bwd_dx(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, DLOCAL, DY, DX, DD_PART,
+def _chunk_scan_bwd_dx(K, X, A, DT, LAM, OMEGA, KB, D, THETA_OFF, SEQ, DLOCAL, DY, DX, DD_PART,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
-    """Value side of chunk c: dx_i = sum_j w_ji (k_i . q_j) dy_j + e_i k_i dL^T + D dy_i, and d D.
-
-    Key-major (rows are keys i, columns queries j), so no (C, C) tile is transposed in registers. One walk over
-    the column blocks takes both the scores and k dL^T from each rotated block."""
+                       HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       HEADS_FIRST: tl.constexpr):
+    """The rest of dx for chunk c, added in place to the intra-chunk term ``_chunk_scan_bwd_dq`` stored there: the
+    local-state term e_i k_i dL^T (dL the gradient of the chunk's local state) and the skip term D dy_i; and d D.
+    Only k is rotated here, and no (C, C) tile is formed."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
-    dtype = X.dtype.element_ty
+    dtype = DLOCAL.dtype.element_ty
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
-    scores_t = tl.zeros((C, C), dtype=tl.float32)  # k_i . q_j
-    kdl = tl.zeros((C, P), dtype=tl.float32)  # k_i dL^T, dL the gradient of the chunk's local state
+    kdl = tl.zeros((C, P), dtype=tl.float32)  # k_i dL^T
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
-        qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
-                                             S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
-                                             HAS_SEQ)
-        kE, kO = kE.to(dtype), kO.to(dtype)
-        scores_t += tl.dot(kE, tl.trans(qE.to(dtype)))
-        scores_t += tl.dot(kO, tl.trans(qO.to(dtype)))
-        kdl += tl.dot(kE, tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)))
-        kdl += tl.dot(kO, tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)))
+        kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
+                                seq, enter, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
+        kdl += tl.dot(kE.to(dtype), tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :])))
+        kdl += tl.dot(kO.to(dtype), tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :])))
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     e = tl.where(tmask, tl.exp(tl.min(cs, axis=0) - cs), 0.0) * scale
     if HAS_SEQ:
         e = e * to_end  # only the document still open at the chunk's end enters the local state
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
-    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0)
-    w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
-    dx = tl.dot((scores_t * w_t).to(dtype), dy.to(dtype)) + e[:, None] * kdl  # (C, P)
+    dx = tl.load(DX + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32) + e[:, None] * kdl
     if HAS_D:
-        dyf = dy.to(tl.float32)
-        dx += tl.load(D + h).to(tl.float32) * dyf
+        dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
+        dx += tl.load(D + h).to(tl.float32) * dy
         x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dyf, axis=1), axis=0))
+        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dy, axis=1), axis=0))
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
@@ -258,7 +258,7 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
 _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
 # dx and dk compile without wgmma: Triton 3.6's wgmma path faults on them with several column blocks (illegal
 # addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block (which is exact) they ran 50% slower.
-_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, key=SISO_KEY, mma_sync=True)
+_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY, mma_sync=True)
 _chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA"), key=SISO_KEY, mma_sync=True)
 
 @triton.jit
@@ -332,7 +332,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
                                             ctx["g_in"], dy,
-                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, *common,
+                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
@@ -340,9 +340,8 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dg_final = _to_eo(d_ssm.float()).contiguous()
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
-    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"], seq,
-                                            dlocal, dy, dx, dd_part, *common, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d,
-                                            **flags)
+    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, v, a, dt, lam, om, ctx["kb"], ctx["D"], ctx["theta_off"], seq, dlocal, dy,
+                                            dx, dd_part, *common, HAS_KB=has_kb, HAS_D=has_d, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
                                             dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
