@@ -82,17 +82,18 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 
 
 @triton.jit
-def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN, DY,
-                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX,
+def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
+                       DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       HEADS_FIRST: tl.constexpr):
+                       HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
+                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
     ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
-    intra-chunk term, dx_i = sum_j w_ji s_ji dy_j, from the scores it holds anyway (the dx kernel adds the rest)."""
+    intra-chunk and skip terms, dx_i = sum_j w_ji s_ji dy_j + D dy_i, from the scores it holds anyway (the dx kernel
+    adds the local-state term), and d D's chunk sum (the trace of dy x^T)"""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -106,7 +107,11 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
     decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
     dw = scores * dyx
-    sw = (scores * w).to(dtype)  # [query j, key i]
+    sw = scores * w  # [query j, key i]
+    if HAS_D:  # the skip term D dy_i rides on the diagonal
+        sw += tl.where(diag, tl.load(D + h).to(tl.float32), 0.0)
+        dd = tl.sum(tl.sum(tl.where(diag, dyx, 0.0), axis=1), axis=0)
+    sw = sw.to(dtype)
     pw = tl.where(below, dw * w, 0.0)
     dcs = tl.sum(pw, axis=1) - tl.sum(pw, axis=0)
     dscale = tl.sum(tl.where(below, dw * decay, 0.0), axis=0)
@@ -147,22 +152,23 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, G_IN,
     tl.store(DCS_PART + coef, dcs, mask=tmask)
     tl.store(DSCALE + coef, dscale, mask=tmask)
     tl.store(DGAMMA + coef, dgamma, mask=tmask)
-    # Last: a store before the column loop would keep the compiler from reusing the scores' q / k loads and angles
-    # in the loop's first block (it cannot tell that DX does not alias them).
-    dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j
+    # Last: a store (DX, DD_PART) before the column loop would keep the compiler from reusing the scores' q / k
+    # loads and angles in the loop's first block (it cannot tell that those do not alias q, k or the angles).
+    dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j + D dy_i
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
+    if HAS_D:
+        tl.store(DD_PART + (b * nc + c) * H + h, dd)
 
 
 @triton.jit
-def _chunk_scan_bwd_dx(K, X, A, DT, LAM, OMEGA, KB, D, THETA_OFF, SEQ, DLOCAL, DY, DX, DD_PART,
+def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       HEADS_FIRST: tl.constexpr):
-    """The rest of dx for chunk c, added in place to the intra-chunk term ``_chunk_scan_bwd_dq`` stored there: the
-    local-state term e_i k_i dL^T (dL the gradient of the chunk's local state) and the skip term D dy_i; and d D.
-    Only k is rotated here, and no (C, C) tile is formed."""
+                       HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
+    """Local-state term of dx for chunk c, added in place to what ``_chunk_scan_bwd_dq`` stored there:
+    dx_i += e_i k_i dL^T, dL the gradient of the chunk's local state. Only k is rotated here, and no (C, C)
+    tile is formed."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -182,11 +188,6 @@ def _chunk_scan_bwd_dx(K, X, A, DT, LAM, OMEGA, KB, D, THETA_OFF, SEQ, DLOCAL, D
         e = e * to_end  # only the document still open at the chunk's end enters the local state
     xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
     dx = tl.load(DX + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32) + e[:, None] * kdl
-    if HAS_D:
-        dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        dx += tl.load(D + h).to(tl.float32) * dy
-        x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32)
-        tl.store(DD_PART + (b * nc + c) * H + h, tl.sum(tl.sum(x * dy, axis=1), axis=0))
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
@@ -330,18 +331,18 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
-                                            ctx["g_in"], dy,
-                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, *common,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, **flags)
+    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
+                                            seq, ctx["g_in"], dy,
+                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
         dg_final = _to_eo(d_ssm.float()).contiguous()
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
-    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, v, a, dt, lam, om, ctx["kb"], ctx["D"], ctx["theta_off"], seq, dlocal, dy,
-                                            dx, dd_part, *common, HAS_KB=has_kb, HAS_D=has_d, **flags)
+    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
+                                            HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
                                             dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
@@ -361,7 +362,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
             dkl = torch.cat([un, dkl[..., 2 * S:]], dim=-1)
         dkh_last = dkl
 
-    hpg = H // G
     dk_bias = _from_eo(dkb_part.sum((0, 1))) if has_kb else None
     if dkh_last is not None:
         dkh[:, -1] += _to_eo(dkh_last)
@@ -369,6 +369,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
             dk_bias = dk_bias + dkh_last.sum(0)
     # The [even | odd] layout is a fixed channel permutation: it commutes with the sums over heads and over
     # (B, T), so sum first and permute only the small results (the per-head tensors are 0.5 GB each at 8 x 4k).
+    hpg = H // G
     grads: dict[str, torch.Tensor | None] = {
         # Summed straight into q's / k's type (the reduction accumulates in fp32 and rounds once, as the cast to
         # that type did after it), so with 16-bit inputs the permutation moves 16-bit values.
