@@ -149,15 +149,17 @@ def test_gpu_tensor_core_mimo_step_bf16_state(rank, monkeypatch):
         assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-2, name
 
 
-def test_tensor_core_path_is_the_default_only_where_measured(monkeypatch):
-    """Tensor cores for MIMO with a 16-bit state and many programs (the measured Table 6 regime); the plain path for
-    fp32 states, SISO, few programs, headdims under 16, and when HYBRID_MIMO_DOT16=0 turns it off."""
+def test_tensor_core_path_default_and_launch(monkeypatch):
+    """Tensor cores for MIMO with a 16-bit state (headdim >= 16); the plain path for fp32 states, SISO, headdims
+    under 16, and when HYBRID_MIMO_DOT16=0 turns it off. Its launch takes whole heads while programs are few."""
     pick = triton_mixer_step.tensor_core_default
     monkeypatch.setattr(triton_mixer_step, "MIMO_DOT16", True)
-    assert pick(128 * 64, 64, 4, torch.bfloat16) and pick(512, 64, 2, torch.float16)
+    assert pick(128 * 64, 64, 4, torch.bfloat16) and pick(32, 64, 2, torch.float16)
     assert not pick(128 * 64, 64, 4, torch.float32)
     assert not pick(128 * 64, 64, 1, torch.bfloat16)
-    assert not pick(32, 64, 4, torch.bfloat16)
     assert not pick(128 * 64, 8, 4, torch.bfloat16)
     monkeypatch.setattr(triton_mixer_step, "MIMO_DOT16", False)
     assert not pick(128 * 64, 64, 4, torch.bfloat16)
+    assert triton_mixer_step.tensor_core_config(32, 64) == (64, 4, 1)
+    assert triton_mixer_step.tensor_core_config(512, 128) == (64, 2, 1)
+    assert triton_mixer_step.tensor_core_config(8192, 64) == (16, 1, 1)

@@ -222,12 +222,21 @@ def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int, int
 
 
 def tensor_core_default(programs: int, headdim: int, rank: int, state_dtype: torch.dtype) -> bool:
-    """Whether a MIMO step runs its update and readout as tensor-core products by default: with a 16-bit state
-    (its operands are rounded to the state's type, which the state is anyway) in the bandwidth-bound regime where it
-    was measured (H100, Table 6 MIMO-4, bf16 state: kernel 195 -> 136 us, ``docs/reports/mixer_step_sweep_h100_v6.json``).
-    With few programs the plain path's finer row split is kept; headdims under 16 cannot fill the product's rows."""
-    return (MIMO_DOT16 and rank > 1 and state_dtype in (torch.bfloat16, torch.float16) and programs >= 512
-            and headdim >= 16)
+    """Whether a MIMO step runs its update and readout as tensor-core products by default: with a 16-bit state (the
+    operands are rounded to the state's type, which the state is anyway) and headdims of 16 or more (the product's
+    rows). Measured on an H100, MIMO-4, bf16 state, kernel alone: batch 1 (32 programs) 5.5 -> 4.8 us, batch 16
+    (512) 17.5 -> 9.6 us (``docs/reports/mixer_step_sweep_h100_v7.json``), Table 6 (8192) 195 -> 136 us (``_v6``)."""
+    return MIMO_DOT16 and rank > 1 and state_dtype in (torch.bfloat16, torch.float16) and headdim >= 16
+
+
+def tensor_core_config(programs: int, headdim: int) -> tuple[int, int, int]:
+    """(state rows per block, warps, programs per head) of the tensor-core MIMO step, from the same sweeps: whole
+    heads of up to 64 rows per program while programs are few, 16-row single-warp programs when they are many."""
+    if programs < 256:
+        return min(headdim, 64), 4, 1
+    if programs < 2048:
+        return min(headdim, 64), 2, 1
+    return 16, 1, 1
 
 
 def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, heads: int, groups: int, d_state: int,
@@ -264,17 +273,17 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     off_a = off_dt + H
     off_lam = off_a + H
     off_th = off_lam + (H if trapezoid == "learned" else 0)
-    bp, warps, split = launch_config(Bsz * H, P, R)
-    bp, warps, split = block_rows or bp, num_warps or warps, (row_split or split) if readers is not None else 1
-    if P % split or bp > P // split:
-        raise ValueError(f"{split} programs per head cannot share {P} state rows in blocks of {bp}")
-    if readers is not None and (readers.shape != (Bsz, H) or readers.dtype != torch.int32):
-        raise ValueError(f"readers must be a (B, H) = {(Bsz, H)} int32 tensor, got {readers.dtype} {tuple(readers.shape)}")
     # MIMO with a 16-bit state: update and readout as tensor-core products (blocks of 16 rows at least)
     # (``dot16=True`` forces it whatever the state's type: the CPU tests check the path in fp32)
     if dot16 is None:
         dot16 = tensor_core_default(Bsz * H, P, R, state.ssm.dtype)
     dot16 = dot16 and mimo
+    bp, warps, split = tensor_core_config(Bsz * H, P) if dot16 else launch_config(Bsz * H, P, R)
+    bp, warps, split = block_rows or bp, num_warps or warps, (row_split or split) if readers is not None else 1
+    if P % split or bp > P // split:
+        raise ValueError(f"{split} programs per head cannot share {P} state rows in blocks of {bp}")
+    if readers is not None and (readers.shape != (Bsz, H) or readers.dtype != torch.int32):
+        raise ValueError(f"readers must be a (B, H) = {(Bsz, H)} int32 tensor, got {readers.dtype} {tuple(readers.shape)}")
     if dot16:
         bp = max(bp, 16)
         if bp > P // split:
