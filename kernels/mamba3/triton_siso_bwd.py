@@ -93,7 +93,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
     ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
     intra-chunk and skip terms, dx_i = sum_j w_ji s_ji dy_j + D dy_i, from the scores it holds anyway (the dx kernel
-    adds the local-state term), and d D's chunk sum (the trace of dy x^T)"""
+    adds the local-state term), and d D's chunk sum (the trace of dy x^T)."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -153,7 +153,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     tl.store(DSCALE + coef, dscale, mask=tmask)
     tl.store(DGAMMA + coef, dgamma, mask=tmask)
     # Last: a store (DX, DD_PART) before the column loop would keep the compiler from reusing the scores' q / k
-    # loads and angles in the loop's first block (it cannot tell that those do not alias q, k or the angles).
+    # loads and angles in the loop's first block, as it must assume the store may alias them (dq grew 20%).
     dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j + D dy_i
     tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
     if HAS_D:
