@@ -78,8 +78,7 @@ def case(name: str, d_model: int, batch: int, target_ms: float | None, rank: int
            "target_ms": target_ms,
            "triton_step": layer._use_triton_mimo_step(x) if rank > 1 else layer._use_triton(x, None),
            "fused_mixer_step": layer._use_fused_step(x, None),  # one kernel between the projections
-           "mimo_tensor_cores": rank > 1 and triton_mixer_step.tensor_core_default(batch * layer.H, layer.P, rank,
-                                                                                  cache.ssm.dtype)}
+           "mimo_tensor_cores": triton_mixer_step.tensor_core_default(layer.P, rank, cache.ssm.dtype)}
     row["eager_ms"] = median_ms(lambda: layer(x, cache=cache))
     row["graph_ms"] = median_ms(graphed(lambda: layer(x, cache=cache)))
     compiled = torch.compile(layer)

@@ -122,11 +122,11 @@ def test_reader_count_is_scratch_not_state():
 @pytest.mark.parametrize("variant", ["mimo2", "mimo4-groups-fixed-rope"])
 def test_fused_step_tensor_core_mimo_path(variant, monkeypatch):
     """The MIMO update and readout as two products over 16 rank slots (the path for 16-bit states), forced here
-    in fp32 so that the interpreter checks its slot bookkeeping exactly."""
+    in fp32 so that the interpreter checks its slot bookkeeping exactly; two 16-row blocks per program."""
     real = triton_mixer_step.mamba3_mixer_step_
     monkeypatch.setattr(triton_mixer_step, "mamba3_mixer_step_", lambda *a, **k: real(*a, **k, dot16=True))
-    monkeypatch.setattr(triton_mixer_step, "launch_config", lambda *args: (16, 1, 1))
-    outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch)
+    monkeypatch.setattr(triton_mixer_step, "tensor_core_config", lambda *args: (16, 1, 1))
+    outs, caches, calls = _decode_both(variant, torch.float32, "cpu", monkeypatch, headdim=32)
     assert calls == 5
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
     for name in ("angle", "ssm", "k", "v"):
@@ -154,12 +154,12 @@ def test_tensor_core_path_default_and_launch(monkeypatch):
     under 16, and when HYBRID_MIMO_DOT16=0 turns it off. Its launch takes whole heads while programs are few."""
     pick = triton_mixer_step.tensor_core_default
     monkeypatch.setattr(triton_mixer_step, "MIMO_DOT16", True)
-    assert pick(128 * 64, 64, 4, torch.bfloat16) and pick(32, 64, 2, torch.float16)
-    assert not pick(128 * 64, 64, 4, torch.float32)
-    assert not pick(128 * 64, 64, 1, torch.bfloat16)
-    assert not pick(128 * 64, 8, 4, torch.bfloat16)
+    assert pick(64, 4, torch.bfloat16) and pick(64, 2, torch.float16)
+    assert not pick(64, 4, torch.float32)
+    assert not pick(64, 1, torch.bfloat16)
+    assert not pick(8, 4, torch.bfloat16)
     monkeypatch.setattr(triton_mixer_step, "MIMO_DOT16", False)
-    assert not pick(128 * 64, 64, 4, torch.bfloat16)
+    assert not pick(64, 4, torch.bfloat16)
     assert triton_mixer_step.tensor_core_config(32, 64) == (64, 4, 1)
     assert triton_mixer_step.tensor_core_config(512, 128) == (64, 2, 1)
     assert triton_mixer_step.tensor_core_config(8192, 64) == (16, 1, 1)

@@ -221,7 +221,7 @@ def launch_config(programs: int, headdim: int, rank: int) -> tuple[int, int, int
     return min(headdim, 8), 1, 1  # bandwidth-bound: many small programs
 
 
-def tensor_core_default(programs: int, headdim: int, rank: int, state_dtype: torch.dtype) -> bool:
+def tensor_core_default(headdim: int, rank: int, state_dtype: torch.dtype) -> bool:
     """Whether a MIMO step runs its update and readout as tensor-core products by default: with a 16-bit state (the
     operands are rounded to the state's type, which the state is anyway) and headdims of 16 or more (the product's
     rows). Measured on an H100, MIMO-4, bf16 state, kernel alone: batch 1 (32 programs) 5.5 -> 4.8 us, batch 16
@@ -276,7 +276,7 @@ def mamba3_mixer_step_(proj: torch.Tensor, state: Mamba3State, *, d_inner: int, 
     # MIMO with a 16-bit state: update and readout as tensor-core products (blocks of 16 rows at least)
     # (``dot16=True`` forces it whatever the state's type: the CPU tests check the path in fp32)
     if dot16 is None:
-        dot16 = tensor_core_default(Bsz * H, P, R, state.ssm.dtype)
+        dot16 = tensor_core_default(P, R, state.ssm.dtype)
     dot16 = dot16 and mimo
     bp, warps, split = tensor_core_config(Bsz * H, P) if dot16 else launch_config(Bsz * H, P, R)
     bp, warps, split = block_rows or bp, num_warps or warps, (row_split or split) if readers is not None else 1
