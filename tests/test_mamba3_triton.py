@@ -316,17 +316,64 @@ def test_several_column_blocks_match_reference(monkeypatch, n_angles, heads_firs
     assert all(e < 2e-4 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("B,T,H,S", [(2, 37, 3, 5), (1, 64, 4, 8), (2, 16, 32, 64)])
-def test_angle_grads_match_einsum(B, T, H, S):
-    """The backward's one-pass contraction of the per-head angle gradient with dt and omega, against einsum
-    (ragged head and angle counts are masked up to powers of two)."""
-    from hybrid.kernels.mamba3.triton_siso_bwd import angle_grads
+def coef_grads_torch(dscale, dgamma, dt, lam, seq_idx, dinc, later, om, angle_dt, C, later_per_token):
+    """The coefficient chain rule as plain tensor ops (the oracle of ``coef_grads``)."""
+    Bsz, T, H = dscale.shape
+    dself = dscale + dgamma
+    d_dt, d_lam = dself * lam, dself * dt
+    d_next = dscale[:, :-1]
+    if seq_idx is not None:
+        d_next = d_next * (seq_idx[:, 1:] == seq_idx[:, :-1])[..., None]
+    d_dt[:, 1:] += d_next * (1 - lam[:, 1:])
+    d_lam[:, 1:] -= d_next * dt[:, 1:]
+    if dinc is None:
+        return d_dt, d_lam, None
+    if later is not None:
+        if not later_per_token:  # (B, nc, H, S) -> each token of the chunk
+            later = later.repeat_interleave(C, dim=1)[:, :T]
+        dinc = dinc + later
+    if not angle_dt:
+        return d_dt, d_lam, dinc.sum(2)
+    return d_dt + torch.einsum("bths,bts->bth", dinc, om), d_lam, torch.einsum("bths,bth->bts", dinc, dt)
 
+
+COEF_CASES = {  # B, T, H, S, later, seq, angle_dt
+    "ragged": (2, 37, 3, 5, "chunk", False, True),
+    "wide": (2, 16, 32, 64, "chunk", False, True),
+    "chunk-blocks": (2, 48, 32, 32, "chunk", False, True),  # token blocks within chunks: one later row a program
+    "no-later": (1, 64, 4, 8, None, False, True),
+    "packed": (2, 41, 4, 6, "token", True, True),
+    "fixed-freq": (2, 23, 3, 4, "chunk", False, False),
+    "no-rotation": (3, 19, 5, 0, None, True, True),
+}
+
+
+@pytest.mark.parametrize("case", list(COEF_CASES))
+def test_coef_grads_match_tensor_ops(case):
+    """The backward's one-kernel glue (d scale / d gamma / angle gradient -> d dt, d lam, d omega) against the
+    same chain rule in tensor ops: ragged heads and angles (masked up to powers of two), token blocks that do not
+    divide B * T, later chunks' angle gradient per chunk or per token, document boundaries."""
+    from hybrid.kernels.mamba3.triton_siso_bwd import coef_grads
+
+    B, T, H, S, later_kind, packed, angle_dt = COEF_CASES[case]
+    C = 16
     g = torch.Generator().manual_seed(B * T + H)
-    dinc, dt, om = torch.randn(B, T, H, S, generator=g), torch.rand(B, T, H, generator=g), torch.randn(B, T, S, generator=g)
-    d_omega, d_dt = angle_grads(dinc, dt, om)
-    torch.testing.assert_close(d_omega, torch.einsum("bths,bth->bts", dinc, dt), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(d_dt, torch.einsum("bths,bts->bth", dinc, om), rtol=1e-5, atol=1e-5)
+    dscale, dgamma = torch.randn(B, T, H, generator=g), torch.randn(B, T, H, generator=g)
+    dt, lam = torch.rand(B, T, H, generator=g), torch.rand(B, T, H, generator=g)
+    seq_idx = torch.sort(torch.randint(0, 4, (B, T), generator=g), dim=1).values if packed else None
+    dinc = torch.randn(B, T, H, S, generator=g).to(torch.bfloat16) if S else None
+    om = torch.randn(B, T, S, generator=g) if S else None
+    nc = -(-T // C)
+    later = {None: None, "chunk": torch.randn(B, nc, H, S, generator=g) if S else None,
+             "token": torch.randn(B, T, H, S, generator=g) if S else None}[later_kind]
+    got = coef_grads(dscale, dgamma, dt, lam, seq_idx, dinc, later, om, angle_dt, C, later_per_token=later_kind == "token")
+    want = coef_grads_torch(dscale, dgamma, dt, lam, seq_idx, None if dinc is None else dinc.float(), later, om, angle_dt,
+                            C, later_kind == "token")
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3), (1, 33, 4, 2), (2, 1030, 3), (1, 100)])

@@ -19,9 +19,10 @@ Backward, four launches mirroring the forward:
                                                (C, N/2) tiles live per program (a fused key/value kernel spilled ~110
                                                registers a thread); the scores are taken twice (forward and dq).
 
-PyTorch glue (``mamba3_siso_chunk_bwd``) sums per-head q/k gradients into their groups and biases, turns
-d scale / d gamma into d dt / d lambda, and d angle into d omega / d dt with a reverse cumulative sum
-over the sequence. No atomics: results are deterministic.
+Glue (``mamba3_siso_chunk_bwd``): PyTorch sums the per-head q/k gradients into their groups and biases and
+carries each chunk's entry-angle gradient back over the chunks before it (a reverse cumulative sum); one
+kernel (``_coef_grads``) then turns d scale / d gamma into d dt / d lambda and the angle gradient into
+d omega / d dt. No atomics: results are deterministic.
 
 Sequence boundaries (HAS_SEQ, ``seq_idx``) mask the same terms as in the forward: the intra weights between
 documents, the entering state outside the document open at the chunk start, the local state outside the
@@ -46,7 +47,6 @@ from hybrid.kernels.mamba3.triton_siso import (
     _store_angle_grad,
     _to_eo,
     _unrotate,
-    chunk_rows,
     cumsum_dim1,
     kernel_flags,
     restart_cumsum,
@@ -257,40 +257,107 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
 
 
 _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
-# dx and dk compile without wgmma: Triton 3.6's wgmma path faults on them with several column blocks (illegal
-# addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block (which is exact) they ran 50% slower.
-_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY, mma_sync=True)
+# dk compiles without wgmma: Triton 3.6's wgmma path faulted on dk and the old dx (which formed a (C, C) tile) with
+# several column blocks (illegal addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block
+# (exact) they ran 50% slower. The local-state-only dx has no (C, C) tile and runs exact on wgmma, 2-5% faster.
+_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY)
 _chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA"), key=SISO_KEY, mma_sync=True)
 
 @triton.jit
-def _angle_grads(DINC, DT, OM, D_OMEGA, D_DT, H, S, BT: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr):
-    """For BT tokens: d omega_t = sum_h dinc_th dt_th and d dt_th = sum_s dinc_th om_ts, reading dinc (any float
-    type, per head and angle) once for both; sums in float32."""
-    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # rows of the flattened (B * T)
-    h, s = tl.arange(0, BH), tl.arange(0, BS)
-    hm, sm = h < H, s < S
-    dinc = tl.load(DINC + (t[:, None, None] * H + h[None, :, None]) * S + s[None, None, :],
-                   mask=hm[None, :, None] & sm[None, None, :], other=0.0).to(tl.float32)  # (BT, BH, BS)
-    dt = tl.load(DT + t[:, None] * H + h[None, :], mask=hm[None, :], other=0.0).to(tl.float32)  # (BT, BH)
-    om = tl.load(OM + t[:, None] * S + s[None, :], mask=sm[None, :], other=0.0).to(tl.float32)  # (BT, BS)
-    tl.store(D_OMEGA + t[:, None] * S + s[None, :], tl.sum(dinc * dt[:, :, None], axis=1), mask=sm[None, :])
-    tl.store(D_DT + t[:, None] * H + h[None, :], tl.sum(dinc * om[:, None, :], axis=2), mask=hm[None, :])
+def _coef_grads(DSCALE, DGAMMA, DT, LAM, SEQ, DINC, LATER, OM, D_DT, D_LAM, D_OMEGA,
+                rows, T, H, S, C, nc, s_ob, s_ot,
+                BT: tl.constexpr, BH: tl.constexpr, BS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ROT: tl.constexpr,
+                ANGLE_DT: tl.constexpr, LATER_ROWS: tl.constexpr):
+    """The chain rule from the chunk kernels' per-token results to the scan's coefficient inputs, for BT tokens
+    of the flattened (B * T) and all heads:
+
+        scale_t = lam_t dt_t + dt_{t+1} (1 - lam_{t+1}) [same document],  gamma_t = lam_t dt_t
+        d dt_t  = (d scale_t + d gamma_t) lam_t + d scale_{t-1} (1 - lam_t) + sum_s dinc_ts omega_ts [ANGLE_DT]
+        d lam_t = (d scale_t + d gamma_t - d scale_{t-1}) dt_t
+        d omega_ts = sum_h dinc_ths dt_th  (sum_h dinc_ths without ANGLE_DT)
+
+    dinc is the per-head angle gradient (any float type) plus what later chunks ask of the token's increment, an
+    (H, S) row per chunk or per token (packed documents). LATER_ROWS: 0 none; 1 per chunk, the program's BT
+    tokens in one chunk (one (H, S) load, broadcast: gathering it per token cost as much as dinc's read); 2 per
+    chunk, gathered per token (ragged lengths); 3 per token. One pass over dinc, sums in float32."""
+    r = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # rows of the flattened (B * T)
+    h = tl.arange(0, BH)
+    rm, hm = r < rows, h < H
+    m2 = rm[:, None] & hm[None, :]
+    off = r[:, None] * H + h[None, :]  # (BT, BH) into (B, T, H)
+    dself = tl.load(DSCALE + off, mask=m2, other=0.0) + tl.load(DGAMMA + off, mask=m2, other=0.0)
+    dt = tl.load(DT + off, mask=m2, other=0.0).to(tl.float32)
+    lam = tl.load(LAM + off, mask=m2, other=0.0).to(tl.float32)
+    tt = r % T
+    prev = rm & (tt > 0)  # scale_{t-1} holds dt_t: same row, and with packed documents the same document
+    if HAS_SEQ:
+        prev = prev & (tl.load(SEQ + r - 1, mask=prev, other=0) == tl.load(SEQ + r, mask=rm, other=0))
+    dprev = tl.load(DSCALE + off - H, mask=prev[:, None] & hm[None, :], other=0.0)
+    d_dt = dself * lam + dprev * (1 - lam)
+    d_lam = (dself - dprev) * dt
+    if HAS_ROT:
+        s = tl.arange(0, BS)
+        sm = s < S
+        m3 = m2[:, :, None] & sm[None, None, :]
+        dinc = tl.load(DINC + off[:, :, None] * S + s[None, None, :], mask=m3, other=0.0).to(tl.float32)  # (BT, BH, BS)
+        if LATER_ROWS == 1:
+            r0 = tl.program_id(0).to(tl.int64) * BT
+            crow = (r0 // T) * nc + (r0 % T) // C  # the chunk of all BT tokens
+            later = tl.load(LATER + (crow * H + h[:, None]) * S + s[None, :], mask=hm[:, None] & sm[None, :], other=0.0)
+            dinc += later[None, :, :]
+        if LATER_ROWS == 2:
+            crow = (r // T) * nc + tt // C  # each token's chunk
+            dinc += tl.load(LATER + (crow[:, None] * H + h[None, :])[:, :, None] * S + s[None, None, :], mask=m3, other=0.0)
+        if LATER_ROWS == 3:
+            dinc += tl.load(LATER + off[:, :, None] * S + s[None, None, :], mask=m3, other=0.0)
+        if ANGLE_DT:
+            om = tl.load(OM + (r // T)[:, None] * s_ob + tt[:, None] * s_ot + s[None, :], mask=rm[:, None] & sm[None, :],
+                         other=0.0).to(tl.float32)  # (BT, BS)
+            d_omega = tl.sum(dinc * dt[:, :, None], axis=1)
+            d_dt += tl.sum(dinc * om[:, None, :], axis=2)
+        else:
+            d_omega = tl.sum(dinc, axis=1)
+        tl.store(D_OMEGA + r[:, None] * S + s[None, :], d_omega, mask=rm[:, None] & sm[None, :])
+    tl.store(D_DT + off, d_dt, mask=m2)
+    tl.store(D_LAM + off, d_lam, mask=m2)
 
 
-def angle_grads(dinc: torch.Tensor, dt: torch.Tensor, om: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(einsum("bths,bth->bts", dinc, dt), einsum("bths,bts->bth", dinc, om)) in float32, one pass over dinc
-    (B, T, H, S), which may be stored in 16 bits."""
-    Bsz, T, H, S = dinc.shape
-    dinc, dt, om = dinc.contiguous(), dt.contiguous(), om.contiguous()
-    d_omega = torch.empty(Bsz, T, S, device=dinc.device, dtype=torch.float32)
-    d_dt = torch.empty(Bsz, T, H, device=dinc.device, dtype=torch.float32)
-    BH, BS = triton.next_power_of_2(H), triton.next_power_of_2(S)
-    BT = max(1, 4096 // (BH * BS))  # ~4k elements of dinc a program; B * T is a multiple of it (powers of two)
+# Elements of the per-head angle gradient per program of ``_coef_grads`` (its one large read) and its warps.
+COEF_BLOCK, COEF_WARPS = 16384, 4
+
+
+def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam: torch.Tensor, seq_idx: torch.Tensor | None,
+               dinc: torch.Tensor | None, later: torch.Tensor | None, om: torch.Tensor | None, angle_dt: bool,
+               chunk_size: int, later_per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(d dt, d lam, d omega) in float32 from d scale, d gamma (B, T, H) float32 and, with rotation, the per-head
+    angle gradient dinc (B, T, H, S) plus ``later``: (B, nc, H, S) per chunk, or (B, T, H, S) per token with
+    ``later_per_token``, or None. See ``_coef_grads``: one launch replaces an elementwise chain and the angle
+    contractions."""
+    Bsz, T, H = dscale.shape
+    has_rot = dinc is not None
+    S = dinc.shape[-1] if has_rot else 0
+    dev = dscale.device
+    d_dt, d_lam = torch.empty(Bsz, T, H, device=dev, dtype=torch.float32), torch.empty(Bsz, T, H, device=dev, dtype=torch.float32)
+    d_omega = torch.empty(Bsz, T, S, device=dev, dtype=torch.float32) if has_rot else None
+    BH, BS = triton.next_power_of_2(H), triton.next_power_of_2(max(S, 1))
+    BT = triton.next_power_of_2(max(1, COEF_BLOCK // (BH * BS))) if has_rot else max(1, min(256, COEF_BLOCK // BH))
     rows = Bsz * T
-    if rows % BT:
-        BT = 1
-    _angle_grads[(rows // BT,)](dinc, dt, om, d_omega, d_dt, H, S, BT=BT, BH=BH, BS=BS, num_warps=4)
-    return d_omega, d_dt
+    if later is None:
+        later_rows = 0
+    elif later_per_token:
+        later_rows = 3
+    else:
+        later_rows = 1 if T % BT == 0 and chunk_size % BT == 0 else 2
+    om_ = om if (has_rot and angle_dt) else dscale
+    nc = -(-T // chunk_size)
+    dummy = dscale
+    _coef_grads[(triton.cdiv(rows, BT),)](
+        dscale, dgamma, dt.contiguous(), lam.contiguous(), seq_idx if seq_idx is not None else dummy,
+        dinc.contiguous() if has_rot else dummy, later.contiguous() if later is not None else dummy, om_,
+        d_dt, d_lam, d_omega if has_rot else dummy, rows, T, H, S, chunk_size, nc, om_.stride(0), om_.stride(1),
+        BT=BT, BH=BH, BS=BS, HAS_SEQ=seq_idx is not None, HAS_ROT=has_rot, ANGLE_DT=angle_dt, LATER_ROWS=later_rows,
+        num_warps=COEF_WARPS)
+    return d_dt, d_lam, d_omega
 
 
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
@@ -323,7 +390,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dkb_part = torch.empty(Bsz, nc, H, N, **f32) if has_kb else dkh
     dx = torch.empty_like(v)
     da, dscale, dgamma = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
-    # The per-head angle gradient is only summed over heads and angles (angle_grads): 16 bits with 16-bit activations,
+    # The per-head angle gradient is only summed over heads and angles (coef_grads): 16 bits with 16-bit activations,
     # as the per-head dq / dk.
     dtheta = torch.empty(Bsz, T, H, max(S, 1), **part)
     dtheta_tot = torch.empty(Bsz, nc, H, max(S, 1), **f32)
@@ -385,18 +452,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dx[:, -1] += d_v_last.to(dx.dtype)
     grads["v"] = dx
 
-    # scale_i = lam_i dt_i + dt_{i+1} (1 - lam_{i+1}) [same document]; gamma_i = lam_i dt_i.
-    lamf, dtf = lam.float(), dt.float()
-    dself = dscale + dgamma
-    d_dt = dself * lamf
-    d_lam = dself * dtf
-    d_next = dscale[:, :-1]
-    if seq_idx is not None:
-        d_next = d_next * (seq_idx[:, 1:] == seq_idx[:, :-1])[..., None]
-    d_dt[:, 1:] += d_next * (1 - lamf[:, 1:])
-    d_lam[:, 1:] -= d_next * dtf[:, 1:]
-
-    grads["omega"] = None
+    later = None  # what the chunks after each token's ask of its angle increment
     if has_rot:
         tot = dtheta_tot[..., :S]  # (B, nc, H, S) gradient of each chunk's entry angle
         if seq_idx is None:
@@ -406,51 +462,31 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         else:
             # later_c = u_c + [no document starts in chunk c + 1] later_{c+1}, u_c = d entry_{c+1} (d theta_final for
             # the last chunk): the entry of chunk c + 1 is the angle of chunk c's last document. It reaches only the
-            # tokens of that document (to_end).
+            # tokens of that document (to_end), so it goes to the glue kernel per token.
             seq_c, prev, last = seq_chunks(seq_idx, C)
             final = dtheta_final if dtheta_final is not None else torch.zeros_like(tot[:, 0])
             u = torch.cat([tot[:, 1:], final[:, None]], dim=1).double()
             chain = torch.cat([last[:, 1:] == prev[:, 1:], torch.zeros_like(last[:, :1], dtype=torch.bool)], dim=1)
             later = restart_cumsum(u.flip(1), (~chain).flip(1)).flip(1).float()
             later = later[:, :, None] * (seq_c == last[..., None]).float()[..., None, None]  # (B, nc, C, H, S)
-        inner = dtheta[..., :S]  # (B, T, H, S) the in-chunk part of each increment's gradient
-        if angle_dt:
-            omf = om.float()
-            grads["omega"], d_dt_angle = angle_grads(inner, dtf, omf)
-            d_dt += d_dt_angle
-        else:
-            grads["omega"] = inner.sum(2, dtype=torch.float32)
-        if seq_idx is None:
-            # `later` is one row per chunk: contract it with the chunk's dt / omega rows instead of adding it to
-            # the (B, T, H, S) gradient, which would cost two more passes over that tensor.
-            def unchunked(t: torch.Tensor) -> torch.Tensor:  # (B, nc, C, X) -> (B, T, X)
-                return t.reshape(Bsz, nc * C, t.shape[-1])[:, :T]
-
-            if angle_dt:  # later: (B, nc, H, S)
-                grads["omega"] += unchunked(torch.einsum("bchs,bcih->bcis", later, chunk_rows(dtf, C)))
-                d_dt += unchunked(torch.einsum("bchs,bcis->bcih", later, chunk_rows(omf, C)))
-            else:
-                grads["omega"] += unchunked(later.sum(2)[:, :, None].expand(Bsz, nc, C, S))
-        else:
-            dinc = later.reshape(Bsz, nc * C, H, S)[:, :T]  # (B, T, H, S): per token within documents
-            if angle_dt:
-                d_omega_later, d_dt_later = angle_grads(dinc, dtf, omf)
-                grads["omega"] += d_omega_later
-                d_dt += d_dt_later
-            else:
-                grads["omega"] += dinc.sum(2)
+            later = later.reshape(Bsz, nc * C, H, S)[:, :T]
+    # scale_i = lam_i dt_i + dt_{i+1} (1 - lam_{i+1}) [same document], gamma_i = lam_i dt_i, and the angle
+    # increments dt_i omega_i: one kernel from d scale, d gamma and the angle gradient to d dt, d lam, d omega.
+    d_dt, d_lam, grads["omega"] = coef_grads(dscale, dgamma, dt, lam, seq_idx, dtheta[..., :S] if has_rot else None, later,
+                                             om, angle_dt, C, later_per_token=seq_idx is not None)
 
     # Initial state: G_{-1} = ssm0 + beta'_0 x0 k0^T with beta'_0 = dt_0 (1 - lam_0).
     grads["ssm0"] = grads["k0"] = grads["v0"] = None
     if ctx["has_init"]:
         dg0n = _from_eo(dg0)  # (B, H, P, N)
         x0, k0 = ctx["v0"].float(), ctx["k0"][:, 0].float()  # (B, H, P), (B, H, N)
-        beta0 = dtf[:, 0] * (1 - lamf[:, 0])  # (B, H)
+        dt0, lam0 = dt[:, 0].float(), lam[:, 0].float()  # (B, H)
+        beta0 = dt0 * (1 - lam0)
         grads["ssm0"] = dg0n
         grads["v0"] = beta0[..., None] * torch.einsum("bhpn,bhn->bhp", dg0n, k0)
         grads["k0"] = (beta0[..., None] * torch.einsum("bhpn,bhp->bhn", dg0n, x0))[:, None]
         d_beta0 = torch.einsum("bhpn,bhp,bhn->bh", dg0n, x0, k0)
-        d_dt[:, 0] += d_beta0 * (1 - lamf[:, 0])
-        d_lam[:, 0] -= d_beta0 * dtf[:, 0]
+        d_dt[:, 0] += d_beta0 * (1 - lam0)
+        d_lam[:, 0] -= d_beta0 * dt0
     grads["dt"], grads["lam"] = d_dt, d_lam
     return grads
