@@ -322,7 +322,8 @@ def _coef_grads(DSCALE, DGAMMA, DT, LAM, SEQ, DINC, LATER, OM, D_DT, D_LAM, D_OM
     tl.store(D_LAM + off, d_lam, mask=m2)
 
 
-# Elements of the per-head angle gradient per program of ``_coef_grads`` (its one large read) and its warps.
+# Elements of the per-head angle gradient per program of ``_coef_grads`` (its one large read) and its warps: at 32
+# heads x 32 angles, 16 tokens at 4 warps (or 8 at 2) were the fastest of the H100 sweep (scripts/sweep_coef_grads.py).
 COEF_BLOCK, COEF_WARPS = 16384, 4
 
 
@@ -452,7 +453,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dx[:, -1] += d_v_last.to(dx.dtype)
     grads["v"] = dx
 
-    later = None  # what the chunks after each token's ask of its angle increment
+    later = None  # what the chunks after a token ask of its angle increment
     if has_rot:
         tot = dtheta_tot[..., :S]  # (B, nc, H, S) gradient of each chunk's entry angle
         if seq_idx is None:
