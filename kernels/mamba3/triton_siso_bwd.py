@@ -337,9 +337,9 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     Bsz, T, H = dscale.shape
     has_rot = dinc is not None
     S = dinc.shape[-1] if has_rot else 0
-    dev = dscale.device
-    d_dt, d_lam = torch.empty(Bsz, T, H, device=dev, dtype=torch.float32), torch.empty(Bsz, T, H, device=dev, dtype=torch.float32)
-    d_omega = torch.empty(Bsz, T, S, device=dev, dtype=torch.float32) if has_rot else None
+    f32 = dict(device=dscale.device, dtype=torch.float32)
+    d_dt, d_lam = torch.empty(Bsz, T, H, **f32), torch.empty(Bsz, T, H, **f32)
+    d_omega = torch.empty(Bsz, T, S, **f32) if has_rot else None
     BH, BS = triton.next_power_of_2(H), triton.next_power_of_2(max(S, 1))
     BT = triton.next_power_of_2(max(1, COEF_BLOCK // (BH * BS))) if has_rot else max(1, min(256, COEF_BLOCK // BH))
     rows = Bsz * T
