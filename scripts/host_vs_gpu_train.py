@@ -1,15 +1,17 @@
 """Is a training step bound by the host or by the GPU? (diagnostic, GPU only)
 
-    python scripts/host_vs_gpu_train.py [PATTERN ...]
+    python scripts/host_vs_gpu_train.py [--seq T] [PATTERN ...]
 
-Per pattern at 8 x 4096, d_model 768, bf16 autocast (as ``hybrid-bench`` trains): the step's wall time (synchronised),
-the host time to issue it (no sync), and the sum of its kernels' times (one profiled step). Host issue near the wall
-time means launch-bound; kernels near the wall time means GPU-bound, and wall - kernels is the GPU's idle gaps.
+Per pattern at 32768 tokens per step (8 x 4096 by default; ``--seq 16384`` gives 2 x 16384), d_model 768, bf16
+autocast (as ``hybrid-bench`` trains): the step's wall time (synchronised), the host time to issue it (no sync),
+and the sum of its kernels' times (one profiled step). Host issue near the wall time means launch-bound; kernels
+near the wall time means GPU-bound, and wall - kernels is the GPU's idle gaps.
 
 Where those gaps come from: over the timed steps, the caching allocator's device allocations, frees and
-free-and-retry events (each cudaMalloc / cudaFree synchronises the device), and in the profiled step the largest
-gaps between consecutive kernels with the CPU op that launched the kernel after each. Run once as is and once
-with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` to see whether the allocator is the cause.
+free-and-retry events (each cudaMalloc / cudaFree synchronises the device); in the profiled step the kernel count,
+the idle time in short gaps (the per-kernel cost even when the host is ahead) and in long ones (the host behind,
+inflated somewhat by the profiler's own host overhead), with the kernels that wait longest; and the kernels that
+take the most time, by name.
 """
 
 from __future__ import annotations
@@ -35,32 +37,38 @@ def train_step(model, tokens) -> None:
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
 
 
+TOP_KERNELS = 40
+PROFILER_EVENTS = ("Activity Buffer Request",)  # the profiler's own device-side records, not the model's work
+
+
 def kernel_events(prof) -> list:
-    """The profile's device kernels, in start order."""
-    kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    """The profile's device kernels (and memsets / copies), in start order."""
+    kernels = [ev for ev in prof.events()
+               if ev.device_type == torch.autograd.DeviceType.CUDA and ev.name not in PROFILER_EVENTS]
     return sorted(kernels, key=lambda e: e.time_range.start)
 
 
-def idle_gaps(prof, top: int = 5) -> list[tuple[float, str]]:
-    """The ``top`` largest gaps (ms) between consecutive kernels of a profile, each with the name of the CPU op that
-    launched the kernel after it (through the launch's correlation id; the kernel's own name if that is missing)."""
-    cpu_ops = {ev.id: ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CPU}
-
-    def launcher(kernel) -> str:
-        op = cpu_ops.get(getattr(kernel, "linked_correlation_id", 0))
-        while op is not None and op.name.startswith("cuda") and op.cpu_parent is not None:  # runtime call -> its op
-            op = op.cpu_parent
-        return op.name if op is not None else kernel.name[:60]
-
+def idle_gaps(prof, top: int = 6) -> dict:
+    """Where the GPU idles between consecutive kernels of a profile: the kernel count, the idle time split into short
+    gaps (< 5 us: the device's own launch-to-launch cost, paid per kernel even when the host is ahead) and longer ones
+    (the host fell behind), and the ``top`` kernels (by name) with the most long-gap idle time before them."""
     kernels = kernel_events(prof)
-    gaps = [(after.time_range.start - before.time_range.end, after) for before, after in zip(kernels, kernels[1:])]
-    gaps = sorted((g for g in gaps if g[0] > 0), key=lambda g: -g[0])[:top]
-    return [(us / 1e3, launcher(kernel)) for us, kernel in gaps]
+    gaps = [(after.time_range.start - before.time_range.end, after.name) for before, after in zip(kernels, kernels[1:])]
+    short = sum(us for us, _ in gaps if 0 < us < 5)
+    long_by_name: dict[str, list[float]] = {}
+    for us, name in gaps:
+        if us >= 5:
+            long_by_name.setdefault(name[:70], []).append(us)
+    ranked = sorted(long_by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    return {"kernels": len(kernels), "short_ms": short / 1e3,
+            "long_ms": sum(sum(v) for v in long_by_name.values()) / 1e3,
+            "long_count": sum(len(v) for v in long_by_name.values()),
+            "top": [(name, sum(v) / 1e3, len(v)) for name, v in ranked]}
 
 
-def measure(pattern: str, repeats: int = 5) -> dict:
+def measure(pattern: str, seq_len: int = 4096, repeats: int = 5) -> dict:
     model = hybrid.build_model(pattern, d_model=768, vocab_size=50304).cuda().train()
-    tokens = torch.randint(0, 50304, (8, 4096), device="cuda")
+    tokens = torch.randint(0, 50304, (32768 // seq_len, seq_len), device="cuda")
     for _ in range(3):
         train_step(model, tokens)
     walls, issues = [], []
@@ -78,19 +86,41 @@ def measure(pattern: str, repeats: int = 5) -> dict:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         train_step(model, tokens)
         torch.cuda.synchronize()
-    kernels = sum(e.time_range.elapsed_us() for e in kernel_events(prof)) / 1e3
+    events = kernel_events(prof)
+    kernels = sum(e.time_range.elapsed_us() for e in events) / 1e3
+    by_name: dict[str, list[float]] = {}
+    for ev in events:
+        by_name.setdefault(ev.name[:80], []).append(ev.time_range.elapsed_us() / 1e3)
+    heaviest = sorted(((sum(v), len(v), name) for name, v in by_name.items()), reverse=True)
+    runtime: dict[str, list[float]] = {}  # host time in CUDA runtime / driver calls: launches, syncs, copies
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CPU and ev.name.startswith(("cuda", "cu")):
+            runtime.setdefault(ev.name, []).append(ev.time_range.elapsed_us() / 1e3)
+    runtime_calls = sorted(((sum(v), len(v), name) for name, v in runtime.items()), reverse=True)
     return {"wall_ms": statistics.median(walls), "host_issue_ms": statistics.median(issues), "kernels_ms": kernels,
-            "alloc_per_step": alloc, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gaps": idle_gaps(prof)}
+            "alloc_per_step": alloc, "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "gaps": idle_gaps(prof),
+            "heaviest": heaviest, "runtime": runtime_calls}
 
 
 def main() -> None:
-    for pattern in sys.argv[1:] or ["MMMAx3", "Ax12", "Mx12"]:
-        r = measure(pattern)
-        print(f"{pattern}: wall {r['wall_ms']:.1f} ms, host issue {r['host_issue_ms']:.1f} ms, "
+    args = sys.argv[1:]
+    seq_len = 4096
+    if args[:1] == ["--seq"]:
+        seq_len, args = int(args[1]), args[2:]
+    for pattern in args or ["MMMAx3", "Ax12", "Mx12"]:
+        r = measure(pattern, seq_len)
+        print(f"{pattern} @ {32768 // seq_len}x{seq_len}: wall {r['wall_ms']:.1f} ms, host issue {r['host_issue_ms']:.1f} ms, "
               f"kernels {r['kernels_ms']:.1f} ms", flush=True)
         print("  per step: " + ", ".join(f"{k} {v:g}" for k, v in r["alloc_per_step"].items())
               + f"; peak allocated {r['peak_gb']:.1f} GB", flush=True)
-        print("  largest idle gaps: " + "; ".join(f"{ms:.2f} ms before {op}" for ms, op in r["gaps"]), flush=True)
+        g = r["gaps"]
+        print(f"  {g['kernels']} kernels; idle {g['short_ms']:.1f} ms in gaps < 5 us, {g['long_ms']:.1f} ms in "
+              f"{g['long_count']} longer gaps, most before: "
+              + "; ".join(f"{name} {ms:.2f} ms / {n}" for name, ms, n in g["top"]), flush=True)
+        print("  host in runtime calls: " + "; ".join(f"{name} {ms:.1f} ms / {n}" for ms, n, name in r["runtime"][:8]),
+              flush=True)
+        for ms, n, name in r["heaviest"][:TOP_KERNELS]:
+            print(f"    {ms:8.2f} ms {n:5d}x  {name}", flush=True)
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.empty_cache()
 
