@@ -10,6 +10,8 @@ time at 8 x 4096.
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -74,7 +76,17 @@ def main() -> None:
     args = (Bm, Cm, u_dt, u_A, u_lam, u_th, mixer.dt_bias, getattr(mixer, "B_norm_weight", None),
             getattr(mixer, "C_norm_weight", None), cfg.norm_eps, cfg.a_activation, cfg.A_floor, cfg.trapezoid, cfg.rotation,
             torch.float32)
-    row("mixer forward", lambda: mixer(xn))
+    def mixer_fwd():
+        with amp:
+            mixer(xn)
+
+    def norm_ffn_fwd():
+        with amp:
+            mamba_block.ffn(mamba_block.ffn_norm(x))
+
+    row("mixer forward (autocast)", mixer_fwd)
+    row("mixer norm (autocast)", lambda: mamba_block.mixer_norm(x))
+    row("ffn norm + ffn (autocast)", norm_ffn_fwd)
     row("in_proj (autocast linear)", lambda: mixer.in_proj(xn))
     row("ssm_inputs, compiled: forward", lambda: compiled(ssm_inputs)(*args))
     row("ssm_inputs, eager: forward", lambda: ssm_inputs(*args))
@@ -90,23 +102,38 @@ def main() -> None:
     row("chunk_forward (no autograd)", lambda: triton_siso.chunk_forward(
         q, k, v, log_decay, dt, lam, omega, True, None, None, mixer.D, None, 64, None, False))
 
-    # One autotuned launch against the same launch through the JIT with the tuned config, captured from the scan.
+    # One launch of the forward scan kernel three ways: through ChosenConfig (the default), through Triton's
+    # autotuner, and through the JIT with the tuned config; the arguments are captured from a real call.
+    wrapper = triton_siso._chunk_scan_fwd_tuned
+    tuner = wrapper.autotuner
     captured = {}
-    tuner = triton_siso._chunk_scan_fwd_tuned
     original = type(tuner).run
 
     def capture(self, *a, **kw):
-        captured.setdefault(id(self), (self, a, kw))
+        captured.setdefault(id(self), (a, kw))
         return original(self, *a, **kw)
 
+    wrapper.chosen.clear()  # so that the next launch goes through the autotuner, where it is captured
     type(tuner).run = capture
     triton_siso.chunk_forward(q, k, v, log_decay, dt, lam, omega, True, None, None, mixer.D, None, 64, None, False)
     type(tuner).run = original
-    self_, a, kw = captured[id(tuner)]
-    best = self_.best_config.all_kwargs() if getattr(self_, "best_config", None) else {}
-    row("_chunk_scan_fwd: autotuner launch", lambda: self_.run(*a, **kw))
-    row("_chunk_scan_fwd: JIT launch, tuned config", lambda: self_.fn.run(*a, **kw, **best))
+    a, kw = captured[id(tuner)]
+    plain = {key: val for key, val in kw.items() if key not in ("grid", "warmup")}
+    best = tuner.best_config.all_kwargs()
+    row("_chunk_scan_fwd: ChosenConfig launch (default)", lambda: wrapper[kw["grid"]](*a, **plain))
+    row("_chunk_scan_fwd: autotuner launch", lambda: tuner.run(*a, **kw))
+    row("_chunk_scan_fwd: JIT launch, tuned config", lambda: tuner.fn.run(*a, **kw, **best))
     print(f"(triton {triton.__version__}, torch {torch.__version__})")
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(50):
+        with amp:
+            mamba_block(x)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print("cProfile of 50 Mamba-3 block forwards (autocast), by cumulative time:")
+    pstats.Stats(profiler).strip_dirs().sort_stats("cumulative").print_stats(70)
 
 
 if __name__ == "__main__":

@@ -376,6 +376,43 @@ def test_coef_grads_match_tensor_ops(case):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+ANGLE_CASES = {  # B, T, H, S, C, start, angle_dt, omega layout
+    "ragged": (2, 37, 3, 5, 16, True, True, "dense"),
+    "many-chunks": (1, 16 * 150, 2, 3, 16, True, True, "dense"),  # several chunk blocks in the prefix walk
+    "wide": (1, 40, 32, 32, 16, False, True, "dense"),  # token steps within a chunk (TB < C)
+    "fixed-freq": (2, 23, 3, 4, 8, True, False, "broadcast"),  # rope_freq.expand(B, T, S): zero strides
+    "one-chunk": (3, 7, 4, 2, 16, False, True, "dense"),
+}
+
+
+@pytest.mark.parametrize("case", list(ANGLE_CASES))
+def test_angle_offsets_kernels_match_tensor_ops(case):
+    """Each chunk's entry angle and the final angle from the two Triton launches against the float64 tensor ops:
+    ragged lengths and head / angle counts, long walks over chunks with large angles before the reduction mod 2pi,
+    an initial angle, and a broadcast frequency (zero strides)."""
+    from hybrid.kernels.mamba3.triton_angles import angle_offsets_triton
+    from hybrid.kernels.mamba3.triton_siso import angle_offsets_torch
+
+    B, T, H, S, C, start, angle_dt, layout = ANGLE_CASES[case]
+    g = torch.Generator().manual_seed(T * H + S)
+    dt = 0.05 + 0.5 * torch.rand(B, T, H, generator=g)
+    omega = math.pi * torch.tanh(torch.randn(B, T, S, generator=g))
+    if layout == "broadcast":
+        omega = torch.rand(S, generator=g).expand(B, T, S)
+    theta0 = 2 * math.pi * torch.rand(B, H, S, generator=g) if start else None
+    want_off, want_final = angle_offsets_torch(omega, dt, angle_dt, theta0, C, H)
+    off, final = (t.cpu() for t in angle_offsets_triton(omega.to(DEV), dt.to(DEV), angle_dt,
+                                                        None if theta0 is None else theta0.to(DEV), C, H))
+    assert off.dtype == want_off.dtype and final.dtype == want_final.dtype
+    assert off.shape == want_off.shape and final.shape == want_final.shape
+
+    def wrapped(a, b):  # mod 2pi, a value just under 2pi and one just over 0 are the same angle
+        return torch.remainder(a.double() - b.double() + math.pi, 2 * math.pi) - math.pi
+
+    torch.testing.assert_close(wrapped(off, want_off), torch.zeros_like(want_off.double()), rtol=0, atol=2e-6)
+    torch.testing.assert_close(wrapped(final, want_final), torch.zeros_like(want_final), rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 3), (1, 33, 4, 2), (2, 1030, 3), (1, 100)])
 def test_blocked_cumsum_equals_cumsum(shape):
     """The two-level cumsum over chunks (angle offsets, their gradient) equals torch.cumsum, values and gradients,
@@ -413,3 +450,43 @@ def test_mma_sync_compile_sets_and_restores_the_switch(monkeypatch, before):
     assert seen == [((3, 4), (1, 2), {"FLAG": True}, "1")]
     assert os.environ.get("DISABLE_MMA_V3") == before
     assert wrapped.configs == ["a config"]  # the tuner's attributes show through (determinism check, profiler)
+
+
+def test_chosen_config_launches_the_tuned_config_directly():
+    """After the autotuner has chosen a config for a key (the key's keyword values and the tensors' dtypes), launches
+    with that key go straight to the JIT with the config; a new key value or dtype goes through the autotuner again."""
+    from hybrid.kernels.mamba3.triton_siso import ChosenConfig
+
+    calls = []
+
+    class Config:
+        pre_hook = None
+
+        def __init__(self, warps):
+            self.warps = warps
+
+        def all_kwargs(self):
+            return {"num_warps": self.warps}
+
+    class Fn:
+        def run(self, *args, **kwargs):
+            calls.append(("jit", kwargs["grid"], kwargs["num_warps"], kwargs["C"]))
+
+    class Autotuner:  # chooses 4 warps for C = 16, 8 otherwise
+        fn = Fn()
+        configs = ["a config"]
+
+        def run(self, *args, **kwargs):
+            self.best_config = Config(4 if kwargs["C"] == 16 else 8)
+            calls.append(("tuner", kwargs["grid"], kwargs["C"]))
+
+    wrapped = ChosenConfig(Autotuner(), ("C",))
+    x32, x64 = torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    wrapped[(1,)](x32, 3, C=16)
+    wrapped[(2,)](x32, 5, C=16)
+    wrapped[(3,)](x64, 5, C=16)  # another dtype: tuned anew
+    wrapped[(4,)](x32, 5, C=32)  # another key value: tuned anew
+    wrapped[(5,)](x32, 5, C=32)
+    assert calls == [("tuner", (1,), 16), ("jit", (2,), 4, 16), ("tuner", (3,), 16), ("tuner", (4,), 32),
+                     ("jit", (5,), 8, 32)]
+    assert wrapped.configs == ["a config"]

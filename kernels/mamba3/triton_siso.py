@@ -13,9 +13,9 @@ as two (C, N/2) tiles: a pair is then column i of both tiles, q.k = qE.kE + qO.k
 are kept as [even | odd] halves internally (the final state is written back in natural order).
 
 Angles: the layer passes omega (B, T, S) (pi * tanh(u_theta), or a fixed frequency) and whether it is
-scaled by dt. Per-chunk angle totals and their exclusive prefix sums are tiny and taken in float64 in
-PyTorch (reduced mod 2pi, so long sequences lose no angle precision); within a chunk the kernels add
-a cumulative sum of dt * omega to that offset.
+scaled by dt. Per-chunk angle totals and their exclusive prefix sums are tiny and taken in float64
+(``triton_angles.py``; reduced mod 2pi, so long sequences lose no angle precision); within a chunk the
+kernels add a cumulative sum of dt * omega to that offset.
 
 Sequence boundaries (``seq_idx``, packed documents) follow ``chunk.py``: a compile-time flag HAS_SEQ (the
 kernels without it are unchanged) masks the decay between tokens of different documents, cuts beta' at a
@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.common import Mamba3State, rotate
+from hybrid.kernels.mamba3.triton_angles import angle_offsets_triton
 from hybrid.kernels.mamba3.triton_state_passing import state_passing_fwd
 from triton.language.extra.cuda import libdevice
 
@@ -352,6 +353,38 @@ class MmaSync:
         return getattr(self.kernel, name)
 
 
+class ChosenConfig:
+    """An autotuned kernel that launches the config Triton chose for a key through the JIT directly, once the
+    autotuner has chosen it. The autotuner's own work per launch (dicts of every argument, a key holding every
+    tensor's dtype as a string) cost ~26 us of host time on the H100 machine, on top of the JIT's ~32 us
+    (``scripts/host_cost_mamba3.py``); a Mamba-3 block makes five such launches per training step, and its forward
+    was host-bound. The key here is the same information: the tuning key's values (passed as keywords) and the
+    dtypes of the tensor arguments. Other attributes are the autotuner's."""
+
+    def __init__(self, autotuner, key: tuple[str, ...]):
+        self.autotuner = autotuner
+        self.key = key
+        self.chosen: dict[tuple, dict] = {}
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if not all(name in kwargs for name in self.key):  # a key value passed by position: no cheap key
+                return self.autotuner.run(*args, grid=grid, warmup=False, **kwargs)
+            key = tuple(kwargs[name] for name in self.key) + tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+            config = self.chosen.get(key)
+            if config is not None:
+                return self.autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config)
+            out = self.autotuner.run(*args, grid=grid, warmup=False, **kwargs)
+            best = getattr(self.autotuner, "best_config", None)
+            if best is not None and not best.pre_hook:
+                self.chosen[key] = best.all_kwargs()
+            return out
+        return run
+
+    def __getattr__(self, name):
+        return getattr(self.autotuner, name)
+
+
 def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P"),
           capped: tuple[tuple[int, int, int], ...] = (), mma_sync: bool = False):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
@@ -367,7 +400,7 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
         configs = [triton.Config({}, num_warps=8, num_stages=1)]
-    autotuned = triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel)
+    autotuned = ChosenConfig(triton.autotune(configs, key=list(key), restore_value=list(restore))(kernel), key)
     return MmaSync(autotuned) if mma_sync else autotuned
 
 
@@ -473,9 +506,21 @@ def restart_cumsum(vals: torch.Tensor, restart: torch.Tensor) -> torch.Tensor:
     return cum - (cum - vals).gather(1, first)  # sum of vals over [first, c]
 
 
-def angle_offsets(omega: torch.Tensor | None, dt: torch.Tensor, angle_dt: bool, theta0: torch.Tensor | None,
+def angle_offsets(omega: torch.Tensor, dt: torch.Tensor, angle_dt: bool, theta0: torch.Tensor | None,
                   chunk_size: int, heads: int, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Angle of each chunk's entry (B, nc, H, S) and the final angle (B, H, S), in float64 then mod 2pi.
+    """Angle of each chunk's entry (B, nc, H, S) float32 and the final angle (B, H, S) float64, both mod 2pi:
+    two small Triton launches (``triton_angles.py``), or with packed documents the tensor ops of
+    ``angle_offsets_torch``. The tensor ops also where autograd must see the angles (the MIMO scan takes the
+    entry angles' gradient back to dt and omega through them), and off the GPU outside the interpreter."""
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (omega, dt, theta0))
+    if seq_idx is None and not tracked and (dt.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return angle_offsets_triton(omega, dt, angle_dt, theta0, chunk_size, heads)
+    return angle_offsets_torch(omega, dt, angle_dt, theta0, chunk_size, heads, seq_idx)
+
+
+def angle_offsets_torch(omega: torch.Tensor, dt: torch.Tensor, angle_dt: bool, theta0: torch.Tensor | None,
+                        chunk_size: int, heads: int, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``angle_offsets`` as float64 tensor ops (the oracle of ``triton_angles.py``, and the path for packed documents).
 
     With ``seq_idx`` the angle restarts at 0 at each document start (``theta0`` only reaches the first document):
     a chunk's entry is the angle of the token before it, so each chunk contributes the increments of the
