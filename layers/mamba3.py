@@ -25,6 +25,7 @@ reference under auto and raise under triton.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,6 +36,15 @@ from hybrid.layers.base import Mixer, check_seq_idx, compiled, triton_runnable
 from torch import nn
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
+
+# How the SISO layer's elementwise work around the scan runs on CUDA in training and prefill (A/B switch):
+#   compile  ssm_inputs and the gate through torch.compile, the scan as its own autograd function (the default)
+#   triton   ssm_inputs through its hand-written Triton pair (kernels/mamba3/triton_ssm_inputs.py)
+#   mixer    one autograd function from the in_proj output to the gated output (kernels/mamba3/siso_mixer.py)
+# The last two cost less host time per call; they stay opt-in until measured in a training step on a GPU.
+FUSION = os.environ.get("HYBRID_MAMBA3_FUSION", "compile")
+if FUSION not in ("compile", "triton", "mixer"):
+    raise ValueError(f"HYBRID_MAMBA3_FUSION must be one of compile, triton, mixer; got {FUSION!r}")
 
 _CHOICES = {
     "rotation": ("data_dependent", "data_independent", "none"),
@@ -301,15 +311,17 @@ class Mamba3(Mixer):
         proj = self.in_proj(x)  # (B, T, D_proj)
         if cache is not None and T == 1 and self._use_fused_step(x, seq_idx):
             return self.out_proj(self._fused_step(proj[:, 0], cache).view(Bsz, 1, self.d_inner).to(x.dtype))
+        if cache is None and self._use_mixer_function(proj, seq_idx, cdt):
+            return self.out_proj(self._mixer_function(proj, seq_idx).to(self._out_dtype(x)))
         z, xs, Bm, Cm, u_dt, u_A, u_lam, u_th = proj.split(self.split, dim=-1)
         z, xs = z.view(Bsz, T, H, P), xs.view(Bsz, T, H, P)
         Bm, Cm = Bm.view(Bsz, T, R, G, N), Cm.view(Bsz, T, R, G, N)  # rank-major, then group, then state
         fused = cfg.fused_elementwise and x.is_cuda and T > 1  # decode steps stay eager (graph-captured)
-        prepare = compiled(ssm_inputs) if fused else ssm_inputs
+        Bw, Cw = getattr(self, "B_norm_weight", None), getattr(self, "C_norm_weight", None)
+        prepare = self._ssm_inputs_fn(fused, Bm, Cm, u_dt, u_A, u_lam, u_th, Bw, cdt)
         Bm, Cm, dt, log_decay, lam, omega = prepare(
-            Bm, Cm, u_dt, u_A, u_lam, u_th, self.dt_bias, getattr(self, "B_norm_weight", None),
-            getattr(self, "C_norm_weight", None), cfg.norm_eps, cfg.a_activation, cfg.A_floor, cfg.trapezoid, cfg.rotation,
-            cdt)
+            Bm, Cm, u_dt, u_A, u_lam, u_th, self.dt_bias, Bw, Cw, cfg.norm_eps, cfg.a_activation, cfg.A_floor,
+            cfg.trapezoid, cfg.rotation, cdt)
 
         if cache is not None and T == 1 and self._use_triton_mimo_step(x):
             y = self._triton_mimo_step(Cm, Bm, xs, log_decay, dt, lam, omega, cache)  # (B, 1, R, H, P)
@@ -337,16 +349,55 @@ class Mamba3(Mixer):
             cache.update(state)
         return self._output(y, z, fused, x)
 
+    @staticmethod
+    def _ssm_inputs_fn(fused: bool, Bm, Cm, u_dt, u_A, u_lam, u_th, B_norm_weight, cdt):
+        """``ssm_inputs`` eager, through torch.compile (``fused``), or with ``HYBRID_MAMBA3_FUSION=triton`` through its
+        hand-written Triton pair where that applies."""
+        if not fused:
+            return ssm_inputs
+        if FUSION == "triton":
+            from hybrid.kernels.mamba3.triton_ssm_inputs import ssm_inputs_triton, unsupported_reason
+
+            if unsupported_reason(Bm, Cm, u_dt, u_A, u_lam, u_th, B_norm_weight, cdt) is None:
+                return ssm_inputs_triton
+        return compiled(ssm_inputs)
+
     def _output(self, y: torch.Tensor, z: torch.Tensor, fused: bool, x: torch.Tensor) -> torch.Tensor:
         """(B, T, R, H, P) SSM output, gated and projected to (B, T, d_model).
 
         The gated output goes to out_proj in the dtype out_proj computes in. Under autocast x is float32 (the norm
         before the block runs in fp32), so a cast to x's dtype would widen the 16-bit (B, T, d_inner) tensor only
         for autocast to narrow it again: two extra passes forward and two backward."""
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.out_proj.weight.dtype
         Bsz, T = y.shape[:2]
-        return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(dtype))
+        return self.out_proj(self._gate(y, z, fused).reshape(Bsz, T, self.d_inner).to(self._out_dtype(x)))
+
+    def _out_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype out_proj computes in: autocast's when it is on, else its weight's."""
+        dev = x.device.type
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.out_proj.weight.dtype
+
+    def _use_mixer_function(self, proj: torch.Tensor, seq_idx: torch.Tensor | None, cdt: torch.dtype) -> bool:
+        """Whether a training / prefill call without a cache goes through ``siso_mixer.py`` (``HYBRID_MAMBA3_FUSION=mixer``)."""
+        cfg = self.cfg
+        if FUSION != "mixer" or not (cfg.fused_elementwise and proj.is_cuda and proj.shape[1] > 1) or cdt != torch.float32:
+            return False
+        from hybrid.kernels.mamba3.siso_mixer import unsupported_reason
+
+        if unsupported_reason(proj, cfg.mimo, cfg.bc_norm, cfg.outproj_norm) is not None:
+            return False
+        return self._use_triton(proj, seq_idx)
+
+    def _mixer_function(self, proj: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D_proj) in_proj output -> (B, T, d_inner) gated output through one autograd function."""
+        from hybrid.kernels.mamba3.siso_mixer import mamba3_siso_mixer
+
+        cfg = self.cfg
+        return mamba3_siso_mixer(
+            proj, self.split, self.dt_bias, self.B_norm_weight, self.C_norm_weight,
+            self.C_bias.squeeze(1) if cfg.bc_bias else None, self.B_bias.squeeze(1) if cfg.bc_bias else None, self.D,
+            getattr(self, "rope_freq", None), heads=self.H, headdim=self.P, groups=self.G, d_state=self.N,
+            eps=cfg.norm_eps, a_activation=cfg.a_activation, A_floor=cfg.A_floor, trapezoid=cfg.trapezoid,
+            rotation=cfg.rotation, chunk_size=cfg.resolved_chunk_size, seq_idx=seq_idx)
 
     def _use_triton(self, x: torch.Tensor, seq_idx: torch.Tensor | None) -> bool:
         """Whether the chunked scan (training, prefill; SISO also its decode step) runs the Triton kernels."""
