@@ -90,7 +90,8 @@ def angle_offsets_triton(omega: torch.Tensor, dt: torch.Tensor, angle_dt: bool, 
     final = torch.empty(Bsz, heads, S, device=dev, dtype=torch.float64)
     HS = heads * S
     # Narrow column blocks and long chunk blocks: the walk over chunks is the latency, the columns are parallel.
-    BLK, CB = min(32, triton.next_power_of_2(HS)), min(128, triton.next_power_of_2(nc))
+    # 64 chunks a step: at 128 the float64 cumulative sum spilled for sm_90 (scripts/offline_compile_check.py).
+    BLK, CB = min(32, triton.next_power_of_2(HS)), min(64, triton.next_power_of_2(nc))
     start = theta0.contiguous() if theta0 is not None else final  # never read without HAS_START
     _angle_prefix[(Bsz, triton.cdiv(HS, BLK))](inc, start, off, final, nc, HS, CB=CB, BLK=BLK,
                                                HAS_START=theta0 is not None, num_warps=4)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 _TRAPEZOID = {"learned": 0, "half": 1, "euler": 2}
-ROWS_PER_PROGRAM = 32
+ROWS_PER_PROGRAM = 8  # 8 token rows at 4 warps: no spills for sm_90 (32 rows spilled 704 bytes in the backward)
 
 
 # Written with tl.exp / tl.log only (the interpreter that runs the CPU tests has no libdevice); the kernels are
