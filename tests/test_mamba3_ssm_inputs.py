@@ -24,7 +24,7 @@ CASES = {  # B, T, R, G, N, H, S, a_activation, trapezoid, rotation
 }
 
 
-def slices(B, T, R, G, N, H, S, trapezoid, dtype, seed=0):
+def slices(B, T, R, G, N, H, S, trapezoid, dtype, device="cpu", seed=0):
     """Column slices of one (B, T, D) tensor in the layer's order, with values reaching softplus's threshold, the
     decay floor (A above -A_floor) and both branches of heavy_tail."""
     widths = [R * G * N, R * G * N, H, H, H if trapezoid == "learned" else 0, S]
@@ -33,7 +33,7 @@ def slices(B, T, R, G, N, H, S, trapezoid, dtype, seed=0):
     u_dt_col, u_A_col = 2 * R * G * N, 2 * R * G * N + H
     proj[0, 0, u_dt_col] = 25.0  # softplus' linear branch
     proj[0, 1, u_A_col] = -3e4  # heavy_tail(u) = 1 / (1 - u) < A_floor: the clamp holds
-    proj = proj.to(dtype).requires_grad_()
+    proj = proj.to(device, dtype).requires_grad_()
     parts = proj[..., :sum(widths)].split(widths, dim=-1)
     Bm, Cm = parts[0].unflatten(-1, (R, G, N)), parts[1].unflatten(-1, (R, G, N))
     return proj, (Bm, Cm, *parts[2:])
@@ -49,11 +49,7 @@ def test_ssm_inputs_kernels_match_layer_function(case, dtype):
     eps, A_floor = 1e-5, 1e-4
 
     def run(fn, dev, dtype_in):
-        proj, sl = slices(B, T, R, G, N, H, S, trap, dtype_in)
-        proj = proj.detach().to(dev).requires_grad_()
-        widths = [R * G * N, R * G * N, H, H, H if trap == "learned" else 0, S]
-        parts = proj[..., :sum(widths)].split(widths, dim=-1)
-        sl = (parts[0].unflatten(-1, (R, G, N)), parts[1].unflatten(-1, (R, G, N)), *parts[2:])
+        proj, sl = slices(B, T, R, G, N, H, S, trap, dtype_in, dev)
         ps = [p.to(dev, torch.float32).requires_grad_() for p in params]
         cdt = torch.promote_types(dtype_in, torch.float32)
         out = fn(*sl, ps[0], ps[1], ps[2], eps, act, A_floor, trap, rot, cdt)
