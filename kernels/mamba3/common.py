@@ -47,6 +47,20 @@ def zero_state(batch: int, heads: int, headdim: int, d_state: int, n_angles: int
                        z(batch, heads, headdim))
 
 
+def token_row_stride(*views: torch.Tensor) -> int | None:
+    """The token stride shared by (B, T, ...) views whose B * T rows are evenly spaced with contiguous channels (e.g.
+    column slices of one (B, T, D) tensor), or None. Views with no channels are ignored."""
+    strides = set()
+    for v in views:
+        if v is None or v.shape[-1] == 0:
+            continue
+        B, T = v.shape[:2]
+        if v.stride(-1) != 1 or (B > 1 and v.stride(0) != T * v.stride(1)):
+            return None
+        strides.add(v.stride(1))
+    return strides.pop() if len(strides) == 1 else None
+
+
 def compute_dtype(v: torch.Tensor) -> torch.dtype:
     return torch.promote_types(v.dtype, torch.float32)
 

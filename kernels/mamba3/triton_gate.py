@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.mamba3.common import token_row_stride
 
 GATE_BLOCK = 1024
 
@@ -40,11 +41,11 @@ def _gate_bwd(DOUT, Y, Z, DY, DZ, cols, s_z, s_dz, BLOCK: tl.constexpr):
 
 
 def _rows(t: torch.Tensor, cols: int) -> int:
-    """The token stride of a (B, T, cols) view whose rows are evenly spaced (checked)."""
-    B, T = t.shape[:2]
-    if t.stride(-1) != 1 or (B > 1 and t.stride(0) != T * t.stride(1)) or t.shape[-1] != cols:
+    """The token stride of a (B, T, cols) view with evenly spaced rows (checked)."""
+    stride = token_row_stride(t) if t.shape[-1] == cols else None
+    if stride is None:
         raise ValueError(f"gate: expected evenly spaced (B, T, {cols}) rows, got shape {tuple(t.shape)} strides {t.stride()}")
-    return t.stride(1)
+    return stride
 
 
 def gate_forward(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.mamba3.common import token_row_stride
 
 _TRAPEZOID = {"learned": 0, "half": 1, "euler": 2}
 ROWS_PER_PROGRAM = 8  # 8 token rows at 4 warps: no spills for sm_90 (32 rows spilled 704 bytes in the backward)
@@ -177,20 +178,6 @@ def _ssm_inputs_bwd(BM, CM, UDT, UA, ULAM, UTH, DTB, BW, CW, DBN, DCN, DDT, DLD,
                  mask=ms)
 
 
-def _row_stride(*views: torch.Tensor) -> int | None:
-    """The one token stride shared by the slices of a (B, T, D) tensor (B * T rows of equal stride), or None."""
-    strides = set()
-    for v in views:
-        if v is None or v.shape[-1] == 0:
-            continue
-        B, T = v.shape[:2]
-        flat_ok = v.stride(-1) == 1 and (B == 1 or v.stride(0) == T * v.stride(1))
-        if not flat_ok:
-            return None
-        strides.add(v.stride(1))
-    return strides.pop() if len(strides) == 1 else None
-
-
 def _flags(N, H, S, a_activation, trapezoid, rotation):
     return dict(N=N, BN=triton.next_power_of_2(N), BH=triton.next_power_of_2(H), BS=triton.next_power_of_2(max(S, 1)),
                 BT=ROWS_PER_PROGRAM, HEAVY_TAIL=a_activation == "heavy_tail", TRAPEZOID=_TRAPEZOID[trapezoid],
@@ -231,7 +218,7 @@ def ssm_inputs_backward(Bm, Cm, u_dt, u_A, u_lam, u_th, dt_bias, B_norm_weight, 
     rows = Bsz * T
     dev = Bm.device
     dBm, dCm, du_dt, du_A, du_lam, du_th = outs
-    s_drow = _row_stride(dBm.flatten(2), dCm.flatten(2), du_dt, du_A, du_lam, du_th)
+    s_drow = token_row_stride(dBm.flatten(2), dCm.flatten(2), du_dt, du_A, du_lam, du_th)
     if s_drow is None:
         raise ValueError("ssm_inputs_backward: the gradient views must be rows of one (B, T, D) tensor")
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
@@ -294,7 +281,7 @@ def unsupported_reason(Bm: torch.Tensor, Cm: torch.Tensor, u_dt: torch.Tensor, u
         return f"compute dtype {cdt} (the kernels compute in float32)"
     if Bm.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"input dtype {Bm.dtype}"
-    if _row_stride(Bm.flatten(2), Cm.flatten(2), u_dt, u_A, u_lam, u_th) is None:
+    if token_row_stride(Bm.flatten(2), Cm.flatten(2), u_dt, u_A, u_lam, u_th) is None:
         return "the slices are not rows of one (B, T, D) tensor"
     return None
 
@@ -302,7 +289,7 @@ def unsupported_reason(Bm: torch.Tensor, Cm: torch.Tensor, u_dt: torch.Tensor, u
 def ssm_inputs_triton(Bm, Cm, u_dt, u_A, u_lam, u_th, dt_bias, B_norm_weight, C_norm_weight, eps, a_activation, A_floor,
                       trapezoid, rotation, cdt):
     """``ssm_inputs`` (same arguments and results) through the two kernels above; check ``unsupported_reason`` first."""
-    s_row = _row_stride(Bm.flatten(2), Cm.flatten(2), u_dt, u_A, u_lam, u_th)
+    s_row = token_row_stride(Bm.flatten(2), Cm.flatten(2), u_dt, u_A, u_lam, u_th)
     return _SsmInputs.apply(Bm, Cm, u_dt, u_A, u_lam, u_th, dt_bias, B_norm_weight, C_norm_weight, eps, a_activation,
                             A_floor, trapezoid, rotation, s_row)
 
