@@ -37,12 +37,14 @@ from torch import nn
 
 from hybrid.registry import ConfigError, Footprint, register_mixer
 
-# How the SISO layer's elementwise work around the scan runs on CUDA in training and prefill (A/B switch):
-#   compile  ssm_inputs and the gate through torch.compile, the scan as its own autograd function (the default)
-#   triton   ssm_inputs through its hand-written Triton pair (kernels/mamba3/triton_ssm_inputs.py)
-#   mixer    one autograd function from the in_proj output to the gated output (kernels/mamba3/siso_mixer.py)
-# The last two cost less host time per call; they stay opt-in until measured in a training step on a GPU.
-FUSION = os.environ.get("HYBRID_MAMBA3_FUSION", "compile")
+# How the SISO layer's elementwise work around the scan runs on CUDA in training and prefill without a cache (an A/B
+# switch for diagnostics; docs/perf-notes.md, fourteenth session):
+#   mixer    one autograd function from the in_proj output to the gated output (kernels/mamba3/siso_mixer.py), the
+#            default: the fastest training step measured (H100), and the only path without the split's concatenation
+#   compile  ssm_inputs and the gate through torch.compile, the scan as its own autograd function; also what the
+#            mixer falls back to for what it does not cover (MIMO, no BCNorm, the per-head output norm, a cache)
+#   triton   as compile, but ssm_inputs through its hand-written Triton pair (kernels/mamba3/triton_ssm_inputs.py)
+FUSION = os.environ.get("HYBRID_MAMBA3_FUSION", "mixer")
 if FUSION not in ("compile", "triton", "mixer"):
     raise ValueError(f"HYBRID_MAMBA3_FUSION must be one of compile, triton, mixer; got {FUSION!r}")
 
@@ -377,7 +379,7 @@ class Mamba3(Mixer):
         return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else self.out_proj.weight.dtype
 
     def _use_mixer_function(self, proj: torch.Tensor, seq_idx: torch.Tensor | None, cdt: torch.dtype) -> bool:
-        """Whether a training / prefill call without a cache goes through ``siso_mixer.py`` (``HYBRID_MAMBA3_FUSION=mixer``)."""
+        """Whether a training / prefill call without a cache goes through ``siso_mixer.py`` (``FUSION``, default)."""
         cfg = self.cfg
         if FUSION != "mixer" or not (cfg.fused_elementwise and proj.is_cuda and proj.shape[1] > 1) or cdt != torch.float32:
             return False

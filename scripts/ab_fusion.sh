@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# One device call: GPU tests of the opt-in Mamba-3 fusion paths, then the training step under each
-# HYBRID_MAMBA3_FUSION mode (docs/perf-notes.md, "The elementwise work around the scan without torch.compile").
-# Writes one log per step under ${OUT:-ab-fusion}/ and prints the summary lines.
-#   bash scripts/ab_fusion.sh
+# One device call: GPU tests of the Mamba-3 mixer path and the scan's in-place x, then the training step under the
+# default HYBRID_MAMBA3_FUSION (mixer) and under compile at 8 x 4096, the default at 2 x 16384, and the scan
+# benchmark of record (docs/perf-notes.md, fourteenth session). Writes one log per step under ${OUT:-ab-fusion}/
+# and prints the summary lines.
+#   bash scripts/ab_fusion.sh [benchmark report name, default mamba3_scan.json]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-ab-fusion}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
-HYBRID_TRITON_TUNE=fixed timeout 300 python -m pytest -q -m gpu tests/test_mamba3_siso_mixer.py 2>&1 | tail -3 | tee "$out/tests.log"
+HYBRID_TRITON_TUNE=fixed timeout 300 python -m pytest -q -m gpu tests/test_mamba3_siso_mixer.py tests/test_mamba3_triton.py \
+  2>&1 | tail -4 | tee "$out/tests.log"
 summary() { grep -E " @ |kernels; idle" "$1" | cut -c1-160; }
-python scripts/host_vs_gpu_train.py MMMAx3 Ax12 > "$out/compile_4k.log" 2>&1; summary "$out/compile_4k.log"
-for mode in mixer triton; do
-  HYBRID_MAMBA3_FUSION=$mode python scripts/host_vs_gpu_train.py MMMAx3 > "$out/${mode}_4k.log" 2>&1
-  echo "[$mode]"; summary "$out/${mode}_4k.log"
-done
-HYBRID_MAMBA3_FUSION=mixer python scripts/host_vs_gpu_train.py --seq 16384 Mx12 Ax12 > "$out/mixer_16k.log" 2>&1
-echo "[mixer]"; summary "$out/mixer_16k.log"
+python scripts/host_vs_gpu_train.py MMMAx3 Ax12 > "$out/mixer_4k.log" 2>&1; echo "[default: mixer]"; summary "$out/mixer_4k.log"
+HYBRID_MAMBA3_FUSION=compile python scripts/host_vs_gpu_train.py MMMAx3 > "$out/compile_4k.log" 2>&1
+echo "[compile]"; summary "$out/compile_4k.log"
+python scripts/host_vs_gpu_train.py --seq 16384 Mx12 Ax12 > "$out/mixer_16k.log" 2>&1; echo "[default: mixer]"; summary "$out/mixer_16k.log"
+python benchmarks/mamba3_scan.py --out "$out/${1:-mamba3_scan.json}" > "$out/bench.log" 2>&1
+tail -28 "$out/bench.log"

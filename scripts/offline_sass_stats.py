@@ -192,8 +192,10 @@ def sass_stats(cubin: bytes) -> str:
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     instr = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
+    loads = collections.Counter(re.findall(r"LDG\.E(\.\d+)?", sass))
+    widths = " ".join(f"{(w or '.32')[1:]}b:{n}" for w, n in sorted(loads.items()))
     return (f"regs {regs.group(1) if regs else '?'} stack {stack.group(1) if stack else '?'} instr {instr} "
-            f"LDL {sass.count('LDL')} STL {sass.count('STL')}")
+            f"LDL {sass.count('LDL')} STL {sass.count('STL')} LDG {widths}")
 
 
 def main() -> None:
@@ -203,6 +205,8 @@ def main() -> None:
     ap.add_argument("--kernels", default="fwd,state,dq,dx,dk")
     ap.add_argument("--mma-sync", default="dx,dk", help="kernels compiled without wgmma, as the tuned ones are")
     ap.add_argument("--set", nargs="*", default=[], help="extra constexpr flags, NAME=INT")
+    ap.add_argument("--int", nargs="*", default=[], help="integer arguments as launched, NAME=INT (e.g. x's token stride "
+                    "s_xt when x is a column slice of the in_proj output); overrides the captured value")
     ap.add_argument("--no-capture", action="store_true", help="type arguments by name, unspecialised (the old way)")
     ap.add_argument("--lines", type=int, default=0, help="print the N source lines with the most instructions")
     args = ap.parse_args()
@@ -214,7 +218,8 @@ def main() -> None:
         fn = getattr(module, kernel)
         attrs = {}
         if launches:
-            sig, constexprs, attrs = specialised(fn, launches[name])
+            ints = {k: ["int", int(v)] for k, v in (kv.split("=") for kv in args.int)}
+            sig, constexprs, attrs = specialised(fn, launches[name] | {k: v for k, v in ints.items() if k in launches[name]})
             constexprs.update({k: v for k, v in overrides.items() if k in constexprs})  # --set wins over the launch
         else:  # a constexpr this table does not know (a flag added on a branch) compiles as 1; --set overrides it
             sig, constexprs = signature(fn, {**{p.name: 1 for p in fn.params if p.is_constexpr}, **flags})

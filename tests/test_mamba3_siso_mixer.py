@@ -116,7 +116,7 @@ def test_unsupported_calls_are_named():
 @pytest.mark.parametrize("mode", ["triton", "mixer"])
 def test_gpu_layer_fusion_modes_match_compiled(monkeypatch, mode):
     """A 125M-width Mamba-3 layer under bf16 autocast at 2 x 1000: output and every parameter gradient with the
-    Triton ssm-inputs pair or the one-function mixer core (``HYBRID_MAMBA3_FUSION``) against the default
+    Triton ssm-inputs pair or the one-function mixer core (the default, ``HYBRID_MAMBA3_FUSION``) against the
     torch.compile'd path."""
     import hybrid.layers.mamba3 as mamba3
 

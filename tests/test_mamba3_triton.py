@@ -490,3 +490,70 @@ def test_chosen_config_launches_the_tuned_config_directly():
     assert calls == [("tuner", (1,), 16), ("jit", (2,), 4, 16), ("tuner", (3,), 16), ("tuner", (4,), 32),
                      ("jit", (5,), 8, 32)]
     assert wrapped.configs == ["a config"]
+
+
+def _contiguous_and_in_place(left, right, dtype=torch.float32, device="cpu", **shape):
+    """Forward (with the final state) and backward of the chunk kernels twice: x contiguous, then x as columns
+    [left, left + H * P) of a wider (B, T, left + H * P + right) buffer with dx written into the same columns of a
+    wider gradient buffer (refused, then allocated, where the rows do not fit). Returns both results."""
+    from hybrid.kernels.mamba3.triton_siso import chunk_forward, rows_fit
+    from hybrid.kernels.mamba3.triton_siso_bwd import mamba3_siso_chunk_bwd
+
+    inp, st = make(dtype=dtype, device=device, **shape)
+    B, T, H, P = inp["v"].shape
+    cols = slice(left, left + H * P)
+    wide = torch.randn(B, T, left + H * P + right, dtype=dtype, device=device)
+    wide[..., cols] = inp["v"].flatten(2)
+    x_view = wide[..., cols].unflatten(-1, (H, P))
+    in_place = (left + H * P + right) % 8 == 0
+    assert rows_fit(x_view) == in_place
+    gen = torch.Generator().manual_seed(3)
+    dy = torch.randn(B, T, H, P, generator=gen).to(device, dtype)
+    d_v_last = torch.randn(B, H, P, generator=gen).to(device, dtype)
+    results = []
+    for v, strided in ((inp["v"].contiguous(), False), (x_view, True)):
+        args = {**inp, "v": v}
+        y, state, ctx = chunk_forward(args["q"], args["k"], args["v"], args["log_decay"], args["dt"], args["lam"],
+                                      args["omega"], True, args["q_bias"], args["k_bias"], args["D"], st, 16)
+        assert (ctx["v"].data_ptr() == x_view.data_ptr()) == (strided and in_place)
+        for key in ("v0", "k0", "seq"):
+            ctx.setdefault(key, None)
+        d_wide = torch.full_like(wide, 7.0)
+        out = d_wide[..., cols].unflatten(-1, (H, P)) if strided else None
+        if strided and not in_place:
+            with pytest.raises(ValueError, match="rows_fit"):
+                mamba3_siso_chunk_bwd(ctx, dy, None, None, d_v_last, dx_out=out)
+            out = None
+        grads = mamba3_siso_chunk_bwd(ctx, dy, None, None, d_v_last, dx_out=out)
+        if out is not None:
+            assert grads["v"].data_ptr() == out.data_ptr()
+            assert (d_wide[..., :left] == 7).all() and (d_wide[..., left + H * P:] == 7).all()
+        results.append((y, state, {k: g for k, g in grads.items() if g is not None}))
+    return results
+
+
+@pytest.mark.parametrize("left,right", [(8, 8), (5, 3)])
+def test_x_read_and_dx_written_in_place_of_a_wider_buffer(left, right):
+    """x read from, and dx written into, columns of a wider buffer (the in_proj output and its gradient): the same
+    output, state and gradients as with contiguous x, bit for bit, and the gradient buffer's other columns
+    untouched. Rows a multiple of 8 elements apart are used in place; others are copied for the forward and
+    refused as a dx destination."""
+    (y_a, s_a, g_a), (y_b, s_b, g_b) = _contiguous_and_in_place(left, right, T=37)
+    assert torch.equal(y_a, y_b)
+    for a, b in zip(s_a, s_b):
+        assert torch.equal(a, b)
+    for name in g_a:
+        assert torch.equal(g_a[name], g_b[name]), name
+
+
+@pytest.mark.gpu
+def test_gpu_x_in_place_of_the_in_proj_output():
+    """The same at a real shape in bf16, x at the in_proj output's columns at d_model 768 (token stride 3432): the
+    compiled kernels take x's and dx's strides apart from y's and know the rows are 16-byte aligned."""
+    (y_a, s_a, g_a), (y_b, s_b, g_b) = _contiguous_and_in_place(1536, 3432 - 1536 - 1536, torch.bfloat16, "cuda", B=2,
+                                                                 T=1000, G=1, H=24, N=128, P=64, S=32)
+    assert _rel(y_b, y_a) < 1e-3
+    for a, b in zip(s_a, s_b):
+        assert _rel(b.float(), a.float()) < 1e-3
+    for name in g_a:
+        assert _rel(g_b[name].float(), g_a[name].float()) < 1e-3, name

@@ -44,7 +44,7 @@ class _SisoChunk(torch.autograd.Function):
         if state is None:
             return y, None, None, None, None
         ctx.mark_non_differentiable(state.angle)
-        return y, state.angle, state.ssm, state.k, state.v.clone()  # v is a view of an input: clone it
+        return y, state.angle, state.ssm, state.k, state.v  # a copy of v's last token, not a view of an input
 
     @staticmethod
     def backward(ctx, dy, d_angle, d_ssm, d_k, d_v):

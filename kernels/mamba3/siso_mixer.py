@@ -9,7 +9,8 @@ Why one function: in a training step the layer otherwise enters autograd three t
 function and two torch.compile'd helpers, ~170-280 us of host time each), which left a Mamba-3 block's forward
 host-bound; and its backward would hand autograd eight slice gradients that the split's backward concatenates
 (0.16 ms of GPU per block at 8 x 4096). Here the backward allocates d(proj) once and every piece writes its columns
-in place: the gate's dz, the scan's dx (one copy), the ssm inputs' gradients.
+in place: the gate's dz, the scan's dx, the ssm inputs' gradients; and the scan reads x in place (both when the
+in_proj width is a multiple of ``ROW_ALIGN``, e.g. 3432 at d_model 768; otherwise x and dx are copied).
 
 Same math as the layer's composed path (``ssm_inputs`` -> ``mamba3_siso_chunk`` -> ``gate_output``), which is the
 oracle in ``tests/test_mamba3_siso_mixer.py``. Supported: R = 1, BCNorm on, no per-head output norm, float32
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 from hybrid.kernels.mamba3.triton_gate import gate_backward, gate_forward
-from hybrid.kernels.mamba3.triton_siso import chunk_forward
+from hybrid.kernels.mamba3.triton_siso import chunk_forward, rows_fit
 from hybrid.kernels.mamba3.triton_siso_bwd import mamba3_siso_chunk_bwd
 from hybrid.kernels.mamba3.triton_ssm_inputs import ssm_inputs_backward, ssm_inputs_forward
 
@@ -65,8 +66,10 @@ class _SisoMixer(torch.autograd.Function):
         d_proj = torch.empty_like(proj)
         dz, dx, dBm, dCm, du_dt, du_A, du_lam, du_th = d_proj.split(split, dim=-1)
         dy = gate_backward(dout, y, z, dz)  # dz written into d_proj
-        g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None)
-        dx.unflatten(-1, (H, P)).copy_(g["v"])
+        dx = dx.unflatten(-1, (H, P))
+        g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None, dx_out=dx if rows_fit(dx) else None)
+        if not rows_fit(dx):  # an in_proj width that is not a multiple of ROW_ALIGN
+            dx.copy_(g["v"])
         grads = (g["k"].unsqueeze(2), g["q"].unsqueeze(2), g["dt"], g["log_decay"],
                  g["lam"] if trapezoid == "learned" else None, g["omega"] if rotation == "data_dependent" else None)
         d_dt_bias, d_bw, d_cw = ssm_inputs_backward(

@@ -213,6 +213,14 @@ def _chunk_and_head(HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _row_strides(s_b8, s_t8):
+    """x's or dx's batch and token strides from their arguments in units of ROW_ALIGN (``row_strides``): the product
+    tells the compiler the rows are aligned, where an odd multiple of 8 (a column slice of the in_proj output, token
+    stride 3432 at d_model 768) as a plain argument would be read in 2-byte loads. Scalar arguments take no hint."""
+    return s_b8 * 8, s_t8 * 8
+
+
+@triton.jit
 def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
                    HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """What every chunk kernel starts from: its chunk c, sequence b, head h and group g (int64: offsets into
@@ -253,12 +261,13 @@ def _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c
 @triton.jit
 def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST,
                      T, H, S, nc, heads_per_group,
-                     s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                     s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                      C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                      HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
+    s_xb, s_xt = _row_strides(s_xb8, s_xt8)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
     w_end = tl.where(tmask, tl.exp(cs_last - cs) * scale, 0.0)  # (C,)
@@ -282,7 +291,7 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST
 @triton.jit
 def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, Y,
                     T, H, S, nc, heads_per_group,
-                    s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                    s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                     C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                     HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
                     HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
@@ -299,6 +308,7 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
         below = below & (seq[:, None] == seq[None, :])  # no decay path between documents
     decay = tl.exp(tl.where(below, cs[:, None] - cs[None, :], 0.0))  # exponent <= 0 where used
     w = tl.where(below, decay * scale[None, :], tl.where(i[:, None] == i[None, :], gamma[None, :], 0.0))
+    s_xb, s_xt = _row_strides(s_xb8, s_xt8)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
     y = tl.dot((scores * w).to(dtype), x.to(dtype))  # (C, P)
     ecs = tl.exp(cs)
@@ -314,7 +324,7 @@ def _chunk_scan_fwd(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN,
         y += ecs[:, None] * (tl.dot(qE.to(dtype), tl.trans(gE)) + tl.dot(qO.to(dtype), tl.trans(gO)))
     if HAS_D:
         y += tl.load(D + h).to(tl.float32) * x.to(tl.float32)
-    tl.store(Y + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
+    tl.store(Y + b * s_yb + t[:, None] * s_yt + h * s_xh + p[None, :], y.to(Y.dtype.element_ty), mask=tmask[:, None])
 
 
 @contextlib.contextmanager
@@ -570,6 +580,48 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     return y, state
 
 
+ROW_ALIGN = 8  # elements; ``_row_strides`` tells the compiler so (16-byte token rows in 16-bit types: loads vectorise)
+
+
+def rows_fit(t: torch.Tensor) -> bool:
+    """Whether a (B, T, H, P) x or dx can go to the chunk kernels as it is: each token's H * P values contiguous,
+    token rows any multiple of ROW_ALIGN elements apart (e.g. a column slice of the in_proj output, read in place)."""
+    B, T, H, P = t.shape
+    return (t.stride(3) == 1 and (H == 1 or t.stride(2) == P) and (B == 1 or t.stride(0) % ROW_ALIGN == 0)
+            and (T == 1 or t.stride(1) % ROW_ALIGN == 0))
+
+
+def empty_rows(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised (B, T, H, P) tensor that ``rows_fit``: contiguous, its rows padded when H * P is not a
+    multiple of ROW_ALIGN."""
+    B, T, H, P = shape
+    width = -(-H * P // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(B, T, width, dtype=dtype, device=device)[..., :H * P].unflatten(-1, (H, P))
+
+
+def row_strides(t: torch.Tensor) -> tuple[int, int]:
+    """A tensor that ``rows_fit``'s batch and token strides in units of ROW_ALIGN, as the chunk kernels take them (a
+    size-1 dimension's stride is never used: 0)."""
+    B, T = t.shape[:2]
+    return (0 if B == 1 else t.stride(0) // ROW_ALIGN), (0 if T == 1 else t.stride(1) // ROW_ALIGN)
+
+
+def heads_in_rows(v: torch.Tensor) -> torch.Tensor:
+    """v as the chunk kernels read it (``rows_fit``); copied only when it does not fit."""
+    if rows_fit(v):
+        return v
+    out = empty_rows(v.shape, v.dtype, v.device)
+    out.copy_(v)
+    return out
+
+
+def scan_strides(q, v, y, dt, om, seq) -> tuple[int, ...]:
+    """The chunk kernels' stride arguments. x (``v``, which ``rows_fit``) and y / dy have their own batch and token
+    strides (x's in units of ROW_ALIGN) and share the head stride P."""
+    return (q.stride(0), q.stride(1), q.stride(2), *row_strides(v), y.stride(0), y.stride(1), y.shape[3],
+            dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1), seq.stride(0))
+
+
 def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,
                   need_state=True):
     """The forward launches; also returns what the backward needs (a dict of tensors and flags). Without
@@ -582,7 +634,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     dev = v.device
     k_nat = k
     # [even | odd] channel order: one cheap pass over the group-shared q and k makes every kernel load contiguous.
-    q, k, v = _to_eo(q).contiguous(), _to_eo(k).contiguous(), v.contiguous()
+    q, k, v = _to_eo(q).contiguous(), _to_eo(k).contiguous(), heads_in_rows(v)
     log_decay, dt, lam = log_decay.contiguous(), dt.contiguous(), lam.contiguous()
     if seq_idx is not None:
         if seq_idx.shape != (Bsz, T) or seq_idx.dtype.is_floating_point or seq_idx.dtype.is_complex:
@@ -602,8 +654,8 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
 
     local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
-    strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-               dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1), seq.stride(0))
+    y = torch.empty(v.shape, device=dev, dtype=v.dtype)  # contiguous: dy arrives so (autograd, or .contiguous())
+    strides = scan_strides(q, v, y, dt, om, seq)
     flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
     _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
                                           T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
@@ -616,7 +668,6 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
         g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
     g_in, g_final = state_passing_fwd(local, cs_last, g0)  # g_in in the chunk states' storage type; adds in fp32
 
-    y = torch.empty_like(v)
     _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
                                          seq, g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
                                          HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
@@ -628,7 +679,8 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
             k_last = k_last + k_bias.float()
         if S:
             k_last = rotate(k_last, theta_final.cos().float(), theta_final.sin().float(), "interleaved")
-        state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None], v[:, -1])
+        state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None],
+                            v[:, -1].clone())  # not a view that would keep the in_proj output alive
     ctx = dict(q=q, k=k, v=v, log_decay=log_decay, dt=dt, lam=lam, om=om, qb=qb, kb=kb, D=D if D is not None else dt,
                theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last, strides=strides,
                seq=seq_idx, chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,

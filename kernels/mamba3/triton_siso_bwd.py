@@ -38,18 +38,24 @@ import torch
 import triton
 import triton.language as tl
 from hybrid.kernels.mamba3.triton_siso import (
+    ROW_ALIGN,
     SISO_KEY,
     _chunk_program,
     _chunk_scores,
     _from_eo,
     _qk_pairs,
     _rotated_pairs,
+    _row_strides,
     _store_angle_grad,
     _to_eo,
     _unrotate,
     cumsum_dim1,
+    empty_rows,
     kernel_flags,
     restart_cumsum,
+    row_strides,
+    rows_fit,
+    scan_strides,
     seq_chunks,
     state_dtype,
     tuned,
@@ -85,7 +91,7 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
                        DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
                        T, H, S, nc, heads_per_group,
-                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                       s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
                        HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
@@ -101,9 +107,10 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     dtype = X.dtype.element_ty
     scores = _chunk_scores(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
                            seq, enter, C, N2, NB, ROT_BLOCKS, HAS_QB, HAS_KB, ANGLE_DT, dtype, HAS_SEQ)
-    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
-    x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
-    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    head_p = h * s_xh + p[None, :]
+    s_xb, s_xt = _row_strides(s_xb8, s_xt8)
+    x = tl.load(X + b * s_xb + t[:, None] * s_xt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
+    dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
     decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
     dw = scores * dyx
@@ -155,7 +162,8 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     # Last: a store (DX, DD_PART) before the column loop would keep the compiler from reusing the scores' q / k
     # loads and angles in the loop's first block, as it must assume the store may alias them (dq grew 20%).
     dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j + D dy_i
-    tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
+    s_db, s_dt = _row_strides(s_db8, s_dt8)
+    tl.store(DX + b * s_db + t[:, None] * s_dt + head_p, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
     if HAS_D:
         tl.store(DD_PART + (b * nc + c) * H + h, dd)
 
@@ -163,7 +171,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
 @triton.jit
 def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX,
                        T, H, S, nc, heads_per_group,
-                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                       s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Local-state term of dx for chunk c, added in place to what ``_chunk_scan_bwd_dq`` stored there:
@@ -186,16 +194,17 @@ def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX,
     e = tl.where(tmask, tl.exp(tl.min(cs, axis=0) - cs), 0.0) * scale
     if HAS_SEQ:
         e = e * to_end  # only the document still open at the chunk's end enters the local state
-    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
-    dx = tl.load(DX + xy_off, mask=tmask[:, None], other=0.0).to(tl.float32) + e[:, None] * kdl
-    tl.store(DX + xy_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
+    s_db, s_dt = _row_strides(s_db8, s_dt8)
+    dx_off = b * s_db + t[:, None] * s_dt + h * s_xh + p[None, :]
+    dx = tl.load(DX + dx_off, mask=tmask[:, None], other=0.0).to(tl.float32) + e[:, None] * kdl
+    tl.store(DX + dx_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 @triton.jit
 def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
                        DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
                        T, H, S, nc, heads_per_group,
-                       s_kb, s_kt, s_kg, s_xb, s_xt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
+                       s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
                        HEADS_FIRST: tl.constexpr):
@@ -207,9 +216,10 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
-    xy_off = b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :]
-    x = tl.load(X + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
-    dy = tl.load(DY + xy_off, mask=tmask[:, None], other=0.0).to(dtype)
+    head_p = h * s_xh + p[None, :]
+    s_xb, s_xt = _row_strides(s_xb8, s_xt8)
+    x = tl.load(X + b * s_xb + t[:, None] * s_xt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
+    dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
     w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
     a1t = (tl.dot(x, tl.trans(dy)) * w_t).to(dtype)  # [key i, query j] of (dy_j . x_i) w_ji
 
@@ -362,11 +372,13 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
 
 
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
-                          d_v_last: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+                          d_v_last: torch.Tensor | None, dx_out: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Gradients of ``mamba3_siso_chunk_fwd`` given what it saved (``ctx``) and the output gradients.
 
     Returns a dict with q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, ssm0, k0, v0 (None where
     the input was absent). The initial angle gets no gradient (it is a cache value, not a parameter).
+    ``dx_out``: where v's gradient goes (B, T, H, P), e.g. the x columns of d(in_proj output); any batch and token
+    strides, each token's H * P values contiguous. Allocated when None.
     """
     q, k, v, a, dt, lam, om = (ctx[n] for n in ("q", "k", "v", "log_decay", "dt", "lam", "om"))
     Bsz, T, G, N = q.shape
@@ -375,9 +387,9 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dev = v.device
     has_rot, has_qb, has_kb, has_d = S > 0 and ctx["has_rot"], ctx["has_qb"], ctx["has_kb"], ctx["has_d"]
     dy = dy.contiguous()
-    strides = ctx["strides"]
     seq_idx = ctx.get("seq")
     seq = seq_idx if seq_idx is not None else dt  # never read without HAS_SEQ
+    strides = scan_strides(q, v, dy, dt, om, seq)
     flags = kernel_flags(C, N, P, S if ctx["has_rot"] else 0, angle_dt, seq_idx is not None, nc)
 
     f32 = dict(device=dev, dtype=torch.float32)
@@ -389,7 +401,15 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     # Per-(chunk, head) sums of dq / dk for the bias gradients: far smaller than a second pass over dqh / dkh.
     dqb_part = torch.empty(Bsz, nc, H, N, **f32) if has_qb else dqh
     dkb_part = torch.empty(Bsz, nc, H, N, **f32) if has_kb else dkh
-    dx = torch.empty_like(v)
+    if dx_out is None:
+        dx = empty_rows(v.shape, v.dtype, dev)
+    elif dx_out.shape != v.shape or dx_out.dtype != v.dtype or not rows_fit(dx_out):
+        raise ValueError(f"dx_out must be a {v.dtype} {tuple(v.shape)} tensor that rows_fit (each token's heads contiguous, "
+                         f"rows a multiple of {ROW_ALIGN} apart), got {dx_out.dtype} {tuple(dx_out.shape)} strides "
+                         f"{dx_out.stride()}")
+    else:
+        dx = dx_out
+    dx_strides = row_strides(dx)
     da, dscale, dgamma = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
     # The per-head angle gradient is only summed over heads and angles (coef_grads): 16 bits with 16-bit activations,
     # as the per-head dq / dk.
@@ -402,6 +422,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
                                             seq, ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
+                                            *dx_strides,
                                             HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
@@ -410,7 +431,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
     _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
-                                            HAS_KB=has_kb, **flags)
+                                            *dx_strides, HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
                                             dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
                                             HAS_QB=has_qb, HAS_KB=has_kb, **flags)
@@ -449,7 +470,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         "log_decay": da,
     }
     if d_v_last is not None:
-        dx = dx.clone()
         dx[:, -1] += d_v_last.to(dx.dtype)
     grads["v"] = dx
 
