@@ -2,8 +2,10 @@
 # hybrid-bench on the lent GPU machine, one report per call: copies bench.json (and bench.html) to
 # ${OUT}/bench-<tag>.json, since the run folder is nested too deep to come back.
 #   bash scripts/gpu_bench.sh <tag> [hydra overrides...]
+# The device image lacks hydra: run scripts/carry_hydra.sh here first and carry ".whl".
 set -uo pipefail
 cd "$(dirname "$0")/.."
+[ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
 tag=$1; shift
 out="${OUT:-gpu-report}"
 mkdir -p "$out"
