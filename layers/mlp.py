@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from hybrid.layers.base import compiled
 from torch import nn
 
 from hybrid.registry import ConfigError, register_ffn
@@ -16,6 +17,10 @@ class SwiGLUConfig:
     mult: float = 4.0  # hidden = round(2/3 * mult * d_model) to a multiple of `multiple_of` (LLaMA sizing)
     multiple_of: int = 16
     hidden: int | None = None  # explicit hidden width; overrides `mult`
+    # silu(gate) * up as one compiled kernel each way on CUDA for T > 1. Eager, the halves of the w13 output are
+    # strided views: silu and the product forward, three products and silu's backward, then the concatenation of the
+    # two halves' gradients, each a separate pass (docs/perf-notes.md, fourteenth session).
+    fused_elementwise: bool = False
 
     def __post_init__(self):
         if self.mult <= 0:
@@ -36,14 +41,22 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, cfg: SwiGLUConfig | None = None):
         super().__init__()
-        hidden = (cfg or SwiGLUConfig()).hidden_dim(d_model)
+        self.cfg = cfg or SwiGLUConfig()
+        hidden = self.cfg.hidden_dim(d_model)
         self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)  # gate and up in one matmul
         self.w2 = nn.Linear(hidden, d_model, bias=False)
         self.w2._is_residual_out = True  # depth-scaled init in the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, hidden) each
-        return self.w2(F.silu(gate) * up)
+        gate_up = self.w13(x)  # (B, T, 2 * hidden)
+        fused = self.cfg.fused_elementwise and x.is_cuda and x.shape[1] > 1  # decode steps stay eager (graph-captured)
+        return self.w2((compiled(swiglu) if fused else swiglu)(gate_up))
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2 * hidden) -> (..., hidden): silu(gate) * up, the halves in that order."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 @dataclass

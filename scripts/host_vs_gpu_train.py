@@ -1,6 +1,6 @@
 """Is a training step bound by the host or by the GPU? (diagnostic, GPU only)
 
-    python scripts/host_vs_gpu_train.py [--seq T] [PATTERN ...]
+    python scripts/host_vs_gpu_train.py [--seq T] [--ffn-fused] [PATTERN ...]
 
 Per pattern at 32768 tokens per step (8 x 4096 by default; ``--seq 16384`` gives 2 x 16384), d_model 768, bf16
 autocast (as ``hybrid-bench`` trains): the step's wall time (synchronised), the host time to issue it (no sync),
@@ -66,8 +66,9 @@ def idle_gaps(prof, top: int = 6) -> dict:
             "top": [(name, sum(v) / 1e3, len(v)) for name, v in ranked]}
 
 
-def measure(pattern: str, seq_len: int = 4096, repeats: int = 5) -> dict:
-    model = hybrid.build_model(pattern, d_model=768, vocab_size=50304).cuda().train()
+def measure(pattern: str, seq_len: int = 4096, repeats: int = 5, ffn: dict | None = None) -> dict:
+    extra = {} if ffn is None else {"ffn": ffn}
+    model = hybrid.build_model(pattern, d_model=768, vocab_size=50304, **extra).cuda().train()
     tokens = torch.randint(0, 50304, (32768 // seq_len, seq_len), device="cuda")
     for _ in range(3):
         train_step(model, tokens)
@@ -105,10 +106,16 @@ def measure(pattern: str, seq_len: int = 4096, repeats: int = 5) -> dict:
 def main() -> None:
     args = sys.argv[1:]
     seq_len = 4096
-    if args[:1] == ["--seq"]:
-        seq_len, args = int(args[1]), args[2:]
+    ffn = None
+    while args[:1] and args[0].startswith("--"):
+        if args[0] == "--seq":
+            seq_len, args = int(args[1]), args[2:]
+        elif args[0] == "--ffn-fused":  # the SwiGLU activation through torch.compile (SwiGLUConfig.fused_elementwise)
+            ffn, args = {"type": "swiglu", "fused_elementwise": True}, args[1:]
+        else:
+            raise SystemExit(f"unknown option {args[0]}; options: --seq T, --ffn-fused")
     for pattern in args or ["MMMAx3", "Ax12", "Mx12"]:
-        r = measure(pattern, seq_len)
+        r = measure(pattern, seq_len, ffn=ffn)
         print(f"{pattern} @ {32768 // seq_len}x{seq_len}: wall {r['wall_ms']:.1f} ms, host issue {r['host_issue_ms']:.1f} ms, "
               f"kernels {r['kernels_ms']:.1f} ms", flush=True)
         print("  per step: " + ", ".join(f"{k} {v:g}" for k, v in r["alloc_per_step"].items())
