@@ -67,8 +67,9 @@ class _SisoMixer(torch.autograd.Function):
         dz, dx, dBm, dCm, du_dt, du_A, du_lam, du_th = d_proj.split(split, dim=-1)
         dy = gate_backward(dout, y, z, dz)  # dz written into d_proj
         dx = dx.unflatten(-1, (H, P))
-        g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None, dx_out=dx if rows_fit(dx) else None)
-        if not rows_fit(dx):  # an in_proj width that is not a multiple of ROW_ALIGN
+        in_place = rows_fit(dx)  # false for an in_proj width that is not a multiple of ROW_ALIGN
+        g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None, dx_out=dx if in_place else None)
+        if not in_place:
             dx.copy_(g["v"])
         grads = (g["k"].unsqueeze(2), g["q"].unsqueeze(2), g["dt"], g["log_decay"],
                  g["lam"] if trapezoid == "learned" else None, g["omega"] if rotation == "data_dependent" else None)

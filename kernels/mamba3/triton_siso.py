@@ -682,7 +682,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
         state = Mamba3State(theta_final.float(), _from_eo(g_final), k_last.to(k_nat.dtype)[:, None],
                             v[:, -1].clone())  # not a view that would keep the in_proj output alive
     ctx = dict(q=q, k=k, v=v, log_decay=log_decay, dt=dt, lam=lam, om=om, qb=qb, kb=kb, D=D if D is not None else dt,
-               theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last, strides=strides,
+               theta_off=theta_off, theta_final=theta_final, g_in=g_in, cs_last=cs_last,
                seq=seq_idx, chunk_size=C, nc=nc, S=S, angle_dt=angle_dt, has_rot=omega is not None, has_qb=q_bias is not None,
                has_kb=k_bias is not None, has_d=D is not None, has_init=initial_state is not None,
                k_last=None if state is None else state.k,

@@ -377,8 +377,8 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
 
     Returns a dict with q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, ssm0, k0, v0 (None where
     the input was absent). The initial angle gets no gradient (it is a cache value, not a parameter).
-    ``dx_out``: where v's gradient goes (B, T, H, P), e.g. the x columns of d(in_proj output); any batch and token
-    strides, each token's H * P values contiguous. Allocated when None.
+    ``dx_out``: where v's gradient goes (B, T, H, P), e.g. the x columns of d(in_proj output); it must ``rows_fit``
+    (each token's H * P values contiguous, token rows a multiple of ROW_ALIGN apart). Allocated when None.
     """
     q, k, v, a, dt, lam, om = (ctx[n] for n in ("q", "k", "v", "log_decay", "dt", "lam", "om"))
     Bsz, T, G, N = q.shape
