@@ -21,3 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def matches_eager():
+    """``check(fused, eager, x)``: a layer whose elementwise work runs through torch.compile on CUDA against its eager
+    twin (given the fused one's weights) under bf16 autocast, as in training: the output, then every parameter
+    gradient of a mean-square loss."""
+    def check(fused: torch.nn.Module, eager: torch.nn.Module, x: torch.Tensor) -> None:
+        eager.load_state_dict(fused.state_dict())
+        with torch.autocast("cuda", torch.bfloat16):
+            out_f, out_e = fused(x), eager(x)
+        torch.testing.assert_close(out_f.float(), out_e.float(), rtol=2e-2, atol=2e-3)
+        out_f.float().square().mean().backward()
+        out_e.float().square().mean().backward()
+        for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(pf.grad, pe.grad, rtol=2e-2, atol=1e-4, msg=name)
+    return check
