@@ -52,10 +52,24 @@ def cache_tensors(obj: Any, kind: str = "state") -> Iterator[tuple[torch.Tensor,
             yield from cache_tensors(x, kind)
 
 
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # not torch.compile's own CUDA-graph modes: we capture
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """torch.compile's mode for a ``compile`` setting (False / True / a mode name), or None for no compile."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"decode compile must be false, true or one of {', '.join(COMPILE_MODES)}; got {compile!r}")
+    return compile
+
+
 class GraphDecoder:
     """One-token decode steps of ``model`` on ``cache`` (already holding the prompt), as graph replays."""
 
-    def __init__(self, model, cache, capture: bool | None = None, warmup: int | None = None, compile: bool = False):
+    def __init__(self, model, cache, capture: bool | None = None, warmup: int | None = None, compile: bool | str = False):
         missing = unsupported_mixers(model)
         if missing:
             raise ValueError(f"decode steps of {', '.join(missing)} cannot be captured in a CUDA graph "
@@ -71,9 +85,13 @@ class GraphDecoder:
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # (B, 1) static input
         # A graph removes launch gaps but not the kernels: an eager step still runs ~50 small ones per layer.
         # torch.compile fuses the elementwise ones (norms, RoPE, gates) before the graph is captured.
-        if compile:  # one code object serves every model and cache size: allow more than dynamo's 8 variants
+        # ``compile``: True (torch.compile's default mode) or a mode that leaves graph capture to this class;
+        # "max-autotune-no-cudagraphs" lets Inductor pick Triton matmul templates that take in neighbouring
+        # elementwise work, where the default calls cuBLAS for every M = 1 GEMM.
+        mode = compile_mode(compile)
+        if mode:  # one code object serves every model and cache size: allow more than dynamo's 8 variants
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._forward = torch.compile(model.logits) if compile else model.logits
+        self._forward = torch.compile(model.logits, mode=mode) if mode else model.logits
         self.graph = self.logits = None
         if self.capture:
             self._capture(warmup if warmup is not None else (3 if compile else 2))

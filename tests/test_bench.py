@@ -113,6 +113,7 @@ def test_runtime_error_that_is_not_oom_propagates(tmp_path, monkeypatch):
     (["+bench.bogus=1"], "bogus"),
     (["bench.baseline=MMMM"], "baseline"),
     (["bench.train_contexts=[]"], "train_contexts"),
+    (["bench.decode_compile=max-autotune"], "max-autotune-no-cudagraphs"),
 ])
 def test_bad_input_fails_before_measuring(tmp_path, monkeypatch, overrides, message):
     def never(*args, **kwargs):

@@ -113,3 +113,15 @@ def test_close_hands_the_cache_back_to_ordinary_decoding():
         decoder.close()
         got += [model(tokens[:, i:i + 1], cache=caches[1])[:, -1] for i in range(10, 14)]
     torch.testing.assert_close(torch.stack(got, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_modes_are_named_and_checked():
+    """``compile`` is false, true (torch.compile's default mode) or a mode that leaves capture to GraphDecoder;
+    torch.compile's own CUDA-graph modes would capture inside our capture and are refused by name."""
+    from hybrid.decode_graph import compile_mode
+
+    assert compile_mode(False) is None and compile_mode(True) == "default"
+    assert compile_mode("max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="max-autotune-no-cudagraphs"):
+        compile_mode("reduce-overhead")
+

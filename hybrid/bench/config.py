@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from hybrid.decode_graph import compile_mode
 from hybrid.model import check_mixers, model_config
 from hybrid.registry import ConfigError, build_dataclass
 
@@ -31,7 +32,9 @@ class BenchConfig:
     decode_batches: list = field(default_factory=lambda: [1, 16])
     decode_tokens: int = 32  # timed single-token steps after the cache is filled
     decode_graph: bool = True  # on CUDA, replay captured graphs of the step when every mixer allows it
-    decode_compile: bool = False  # torch.compile the step before capturing it (fewer, fused kernels)
+    # torch.compile the step before capturing it (fewer, fused kernels): false, true (the default mode) or
+    # max-autotune-no-cudagraphs (Triton matmul templates with the elementwise work around them fused in)
+    decode_compile: bool | str = False
     # timing
     warmup: int = 2
     repeats: int = 5
@@ -56,6 +59,10 @@ class BenchConfig:
             raise ConfigError(f"bench.train_contexts must be a non-empty list of lengths >= 1, got {self.train_contexts}")
         if any(int(n) < 1 for n in self.extra_lengths):
             raise ConfigError(f"bench.extra_lengths must hold lengths >= 1, got {self.extra_lengths}")
+        try:
+            compile_mode(self.decode_compile)
+        except ValueError as exc:
+            raise ConfigError(f"bench.{exc}") from None
         if self.baseline is not None and self.baseline not in self.patterns:
             raise ConfigError(f"bench.baseline {self.baseline!r} is not one of bench.patterns {self.patterns}")
         if not self.decode_batches or any(int(b) < 1 for b in self.decode_batches):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.bench.timing import median_seconds, peak_bytes
-from hybrid.decode_graph import GraphDecoder, cache_tensors, unsupported_mixers
+from hybrid.decode_graph import GraphDecoder, cache_tensors, compile_mode, unsupported_mixers
 from hybrid.model import HybridLM
 
 
@@ -88,7 +88,7 @@ def prefill_point(model: HybridLM, length: int, batch: int, device: torch.device
 
 @torch.no_grad()
 def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device: torch.device, warmup: int,
-                 cuda_graph: bool = True, compile: bool = False) -> dict:
+                 cuda_graph: bool = True, compile: bool | str = False) -> dict:
     """Per-token decode latency with the cache pre-filled to ``length`` tokens.
 
     allocate_cache(batch, length + warmup + n) -> prefill ``length`` tokens -> ``warmup`` untimed steps ->
@@ -108,7 +108,8 @@ def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device
     else:
         seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
     return {"length": length, "batch": batch, "seconds_per_token": seconds, "tokens_per_s": batch / seconds,
-            "cuda_graph": graph, "compiled": graph and compile, "cache": cache_bytes(cache)}
+            "cuda_graph": graph, "compiled": graph and bool(compile_mode(compile)),
+            **({"compile_mode": compile_mode(compile)} if graph and compile_mode(compile) else {}), "cache": cache_bytes(cache)}
 
 
 @torch.no_grad()
