@@ -94,7 +94,7 @@ class GraphDecoder:
         self._forward = torch.compile(model.logits, mode=mode) if mode else model.logits
         self.graph = self.logits = None
         if self.capture:
-            self._capture(warmup if warmup is not None else (3 if compile else 2))
+            self._capture(warmup if warmup is not None else (3 if mode else 2))
 
     def _snapshot(self, steps: int):
         """Everything ``steps`` warm-up steps change: the state tensors, the host counters, and the KV slots they

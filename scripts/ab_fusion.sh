@@ -5,11 +5,7 @@
 # and prints the summary lines.
 #   bash scripts/ab_fusion.sh [benchmark report name, default mamba3_scan.json]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-ab-fusion}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
+source "$(dirname "$0")/device_setup.sh" ab-fusion
 HYBRID_TRITON_TUNE=fixed timeout 300 python -m pytest -q -m gpu tests/test_mamba3_siso_mixer.py tests/test_mamba3_triton.py \
   2>&1 | tail -4 | tee "$out/tests.log"
 summary() { grep -E " @ |kernels; idle" "$1" | cut -c1-160; }

@@ -4,11 +4,7 @@
 # kernel each way"). Writes one log per step under ${OUT:-ab-swiglu}/ and prints the summary lines.
 #   bash scripts/ab_swiglu.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-ab-swiglu}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
+source "$(dirname "$0")/device_setup.sh" ab-swiglu
 timeout 200 python -m pytest -q -m gpu tests/test_mlp.py 2>&1 | tail -2 | tee "$out/tests.log"
 summary() { grep -E " @ |kernels; idle" "$1" | cut -c1-160; }
 for seq in 4096 16384; do

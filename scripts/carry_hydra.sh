@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lent GPU machine's image has torch and triton but not hydra: copy this environment's pure-Python hydra,
-# omegaconf, antlr4 and yaml packages into .whl/site (git-ignored; add "/.whl/" to .git/info/exclude) and name
-# ".whl" in the device call's carry. scripts/gpu_bench.sh puts .whl/site on PYTHONPATH when it is there.
+# omegaconf, antlr4 and yaml packages into .whl/site (git-ignored) and name
+# ".whl" in the device call's carry. scripts/device_setup.sh puts .whl/site on PYTHONPATH when it is there.
 #   bash scripts/carry_hydra.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

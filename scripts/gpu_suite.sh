@@ -3,11 +3,7 @@
 # benchmarks. Writes a JSON report per step under ${OUT:-gpu-report}/.
 #   bash scripts/gpu_suite.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out="${OUT:-gpu-report}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || python -m pip install -q --no-deps -e .
+source "$(dirname "$0")/device_setup.sh" gpu-report
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 # Only the files that hold GPU tests: the others may import packages the GPU image lacks (hydra, wandb).
 mapfile -t gpu_files < <(grep -l "mark.gpu" tests/*.py)

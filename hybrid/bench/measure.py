@@ -99,17 +99,18 @@ def decode_point(model: HybridLM, length: int, batch: int, n_tokens: int, device
     from hybrid.bench import measure
 
     graph = cuda_graph and device.type == "cuda" and not unsupported_mixers(model)
+    mode = compile_mode(compile) if graph else None
     cache = model.allocate_cache(batch, length + warmup + n_tokens)
     measure.prefill_cached(model, random_tokens(model, batch, length, device), cache)
     step_tokens = random_tokens(model, batch, 1, device)  # (B, 1)
     if graph:
-        decoder = GraphDecoder(model, cache, compile=compile)
+        decoder = GraphDecoder(model, cache, compile=mode or False)
         seconds = median_seconds(lambda: decoder.step(step_tokens), device, warmup, n_tokens)
     else:
         seconds = median_seconds(lambda: model(step_tokens, cache=cache), device, warmup, n_tokens)
     return {"length": length, "batch": batch, "seconds_per_token": seconds, "tokens_per_s": batch / seconds,
-            "cuda_graph": graph, "compiled": graph and bool(compile_mode(compile)),
-            **({"compile_mode": compile_mode(compile)} if graph and compile_mode(compile) else {}), "cache": cache_bytes(cache)}
+            "cuda_graph": graph, "compiled": mode is not None, **({"compile_mode": mode} if mode else {}),
+            "cache": cache_bytes(cache)}
 
 
 @torch.no_grad()

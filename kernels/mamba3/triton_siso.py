@@ -212,12 +212,16 @@ def _chunk_and_head(HEADS_FIRST: tl.constexpr):
     return tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
 
 
+ROW_ALIGN = 8  # elements; ``_row_strides`` tells the compiler so (16-byte token rows in 16-bit types: loads vectorise)
+_ROW_ALIGN = tl.constexpr(ROW_ALIGN)  # jitted code reads only constexpr globals
+
+
 @triton.jit
 def _row_strides(s_b8, s_t8):
     """x's or dx's batch and token strides from their arguments in units of ROW_ALIGN (``row_strides``): the product
     tells the compiler the rows are aligned, where an odd multiple of 8 (a column slice of the in_proj output, token
     stride 3432 at d_model 768) as a plain argument would be read in 2-byte loads. Scalar arguments take no hint."""
-    return s_b8 * 8, s_t8 * 8
+    return s_b8 * _ROW_ALIGN, s_t8 * _ROW_ALIGN
 
 
 @triton.jit
@@ -578,9 +582,6 @@ def mamba3_siso_chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log
     y, state, _ = chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size,
                                 seq_idx)
     return y, state
-
-
-ROW_ALIGN = 8  # elements; ``_row_strides`` tells the compiler so (16-byte token rows in 16-bit types: loads vectorise)
 
 
 def rows_fit(t: torch.Tensor) -> bool:
