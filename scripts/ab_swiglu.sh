@@ -9,7 +9,7 @@ timeout 200 python -m pytest -q -m gpu tests/test_mlp.py 2>&1 | tail -2 | tee "$
 summary() { grep -E " @ |kernels; idle" "$1" | cut -c1-160; }
 for seq in 4096 16384; do
   for variant in eager fused; do
-    flag=$([ $variant = fused ] && echo --ffn-fused)
+    flag=$([ $variant = eager ] && echo --ffn-eager)
     patterns=$([ $seq = 4096 ] && echo "MMMAx3 Ax12" || echo "Mx12 Ax12")
     python scripts/host_vs_gpu_train.py --seq $seq $flag $patterns > "$out/${variant}_${seq}.log" 2>&1
     echo "[$variant ffn, $seq]"; summary "$out/${variant}_${seq}.log"

@@ -1,6 +1,6 @@
 """Is a training step bound by the host or by the GPU? (diagnostic, GPU only)
 
-    python scripts/host_vs_gpu_train.py [--seq T] [--ffn-fused] [PATTERN ...]
+    python scripts/host_vs_gpu_train.py [--seq T] [--ffn-eager] [PATTERN ...]
 
 Per pattern at 32768 tokens per step (8 x 4096 by default; ``--seq 16384`` gives 2 x 16384), d_model 768, bf16
 autocast (as ``hybrid-bench`` trains): the step's wall time (synchronised), the host time to issue it (no sync),
@@ -110,10 +110,10 @@ def main() -> None:
     while args[:1] and args[0].startswith("--"):
         if args[0] == "--seq":
             seq_len, args = int(args[1]), args[2:]
-        elif args[0] == "--ffn-fused":  # the SwiGLU activation through torch.compile (SwiGLUConfig.fused_elementwise)
-            ffn, args = {"type": "swiglu", "fused_elementwise": True}, args[1:]
+        elif args[0] == "--ffn-eager":  # the SwiGLU activation without torch.compile (SwiGLUConfig.fused_elementwise)
+            ffn, args = {"type": "swiglu", "fused_elementwise": False}, args[1:]
         else:
-            raise SystemExit(f"unknown option {args[0]}; options: --seq T, --ffn-fused")
+            raise SystemExit(f"unknown option {args[0]}; options: --seq T, --ffn-eager")
     for pattern in args or ["MMMAx3", "Ax12", "Mx12"]:
         r = measure(pattern, seq_len, ffn=ffn)
         print(f"{pattern} @ {32768 // seq_len}x{seq_len}: wall {r['wall_ms']:.1f} ms, host issue {r['host_issue_ms']:.1f} ms, "

@@ -101,6 +101,16 @@ def test_oom_is_recorded_and_run_continues(tmp_path, monkeypatch):
     assert ratios["prefill_speedup"]["32"] == {"oom": ["baseline"]}
 
 
+def test_each_pattern_starts_with_fresh_compiled_kernels(tmp_path, monkeypatch):
+    """torch.compile's caches are reset before each pattern: a shape change while measuring one model must not
+    leave later models with dynamic-shape kernels that the first model did not have at the same length."""
+    resets = []
+    real = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(1), real()))
+    bench(smoke_cfg("bench.patterns=[AA,MM]", "plot=false"), tmp_path)
+    assert len(resets) == 2
+
+
 def test_runtime_error_that_is_not_oom_propagates(tmp_path, monkeypatch):
     monkeypatch.setattr(measure, "prefill", lambda model, tokens: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):

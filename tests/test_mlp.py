@@ -18,10 +18,13 @@ def test_swiglu_is_silu_gate_times_up():
 
 
 def test_fused_flag_is_a_config_field_and_stays_eager_on_the_cpu():
-    """``fused_elementwise`` reaches the layer from a pattern's FFN config; on the CPU the layer runs eagerly."""
-    model = hybrid.build_model("MA", d_model=32, vocab_size=64, ffn={"type": "swiglu", "fused_elementwise": True})
-    ffns = [block.ffn for block in model.blocks]
-    assert all(f.cfg.fused_elementwise for f in ffns)
+    """``fused_elementwise`` (default on) reaches the layer from a pattern's FFN config; on the CPU the layer runs
+    eagerly."""
+    assert SwiGLUConfig().fused_elementwise
+    model = hybrid.build_model("MA", d_model=32, vocab_size=64, ffn={"type": "swiglu", "fused_elementwise": False})
+    assert not any(block.ffn.cfg.fused_elementwise for block in model.blocks)
+    model = hybrid.build_model("MA", d_model=32, vocab_size=64)
+    assert all(block.ffn.cfg.fused_elementwise for block in model.blocks)
     assert model(torch.randint(0, 64, (1, 9))).shape == (1, 9, 64)
 
 

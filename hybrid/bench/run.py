@@ -114,6 +114,10 @@ def run_bench(bc: BenchConfig) -> dict:
         "patterns": [],
     }
     for pattern in bc.patterns:
+        # Each model compiles its torch.compile'd helpers afresh, as it would in a process of its own. Shared, the
+        # first model's change of length (4k -> 16k) would leave every later model with the dynamic-shape kernels
+        # the recompile makes, at every length, and the first with static ones at its first length.
+        torch._dynamo.reset()
         # a model whose weights or training step alone do not fit is one OOM entry, not a crash
         entry = guarded(lambda pattern=pattern: bench_pattern(bc, pattern, device), device, f"{pattern}")
         report["patterns"].append(entry if not entry.get("oom") else {"pattern": pattern, "canonical": str(pattern), **entry})

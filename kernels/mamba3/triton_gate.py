@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.launch import direct
 from hybrid.kernels.mamba3.common import token_row_stride
 
 GATE_BLOCK = 1024
@@ -52,7 +53,7 @@ def gate_forward(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(B, T, C) contiguous y and (B, T, C) row-strided z -> y * silu(z), (B, T, C) in y's dtype."""
     B, T, cols = y.shape
     out = torch.empty_like(y)
-    _gate_fwd[(B * T, triton.cdiv(cols, GATE_BLOCK))](y, z, out, cols, _rows(z, cols), BLOCK=GATE_BLOCK, num_warps=4)
+    direct(_gate_fwd)[(B * T, triton.cdiv(cols, GATE_BLOCK))](y, z, out, cols, _rows(z, cols), BLOCK=GATE_BLOCK, num_warps=4)
     return out
 
 
@@ -61,6 +62,6 @@ def gate_backward(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dz: torc
     B, T, cols = y.shape
     dout = dout.contiguous()
     dy = torch.empty_like(y)
-    _gate_bwd[(B * T, triton.cdiv(cols, GATE_BLOCK))](dout, y, z, dy, dz, cols, _rows(z, cols), _rows(dz, cols),
+    direct(_gate_bwd)[(B * T, triton.cdiv(cols, GATE_BLOCK))](dout, y, z, dy, dz, cols, _rows(z, cols), _rows(dz, cols),
                                                       BLOCK=GATE_BLOCK, num_warps=4)
     return dy

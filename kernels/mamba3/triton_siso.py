@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.launch import DirectLaunch, direct
 from hybrid.kernels.mamba3.common import Mamba3State, rotate
 from hybrid.kernels.mamba3.triton_angles import angle_offsets_triton
 from hybrid.kernels.mamba3.triton_state_passing import state_passing_fwd
@@ -368,17 +369,20 @@ class MmaSync:
 
 
 class ChosenConfig:
-    """An autotuned kernel that launches the config Triton chose for a key through the JIT directly, once the
-    autotuner has chosen it. The autotuner's own work per launch (dicts of every argument, a key holding every
-    tensor's dtype as a string) cost ~26 us of host time on the H100 machine, on top of the JIT's ~32 us
-    (``scripts/host_cost_mamba3.py``); a Mamba-3 block makes five such launches per training step, and its forward
-    was host-bound. The key here is the same information: the tuning key's values (passed as keywords) and the
-    dtypes of the tensor arguments. Other attributes are the autotuner's."""
+    """An autotuned kernel that launches the config Triton chose for a key directly, once the autotuner has chosen
+    it. The autotuner's own work per launch (dicts of every argument, a key holding every tensor's dtype as a string)
+    cost ~26 us of host time on the H100 machine, on top of the JIT's ~32 us (``scripts/host_cost_mamba3.py``); a
+    Mamba-3 block makes five such launches per training step, and its forward was host-bound. The chosen config's
+    launches then go through ``DirectLaunch``, which skips the JIT's work as well. The key here is the same
+    information as the autotuner's: the tuning key's values (passed as keywords) and the dtypes of the tensor
+    arguments. Other attributes are the autotuner's."""
 
     def __init__(self, autotuner, key: tuple[str, ...]):
         self.autotuner = autotuner
         self.key = key
         self.chosen: dict[tuple, dict] = {}
+        launcher = direct(autotuner.fn)  # the chosen config's launches skip the JIT's per-call work too
+        self.launcher = launcher if isinstance(launcher, DirectLaunch) else None
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
@@ -387,6 +391,8 @@ class ChosenConfig:
             key = tuple(kwargs[name] for name in self.key) + tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
             config = self.chosen.get(key)
             if config is not None:
+                if self.launcher is not None:
+                    return self.launcher.launch(grid, args, {**kwargs, **config})
                 return self.autotuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **config)
             out = self.autotuner.run(*args, grid=grid, warmup=False, **kwargs)
             best = getattr(self.autotuner, "best_config", None)

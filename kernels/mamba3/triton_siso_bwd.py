@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.launch import direct
 from hybrid.kernels.mamba3.triton_siso import (
     ROW_ALIGN,
     SISO_KEY,
@@ -362,7 +363,7 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     om_ = om if (has_rot and angle_dt) else dscale
     nc = -(-T // chunk_size)
     dummy = dscale
-    _coef_grads[(triton.cdiv(rows, BT),)](
+    direct(_coef_grads)[(triton.cdiv(rows, BT),)](
         dscale, dgamma, dt.contiguous(), lam.contiguous(), seq_idx if seq_idx is not None else dummy,
         dinc.contiguous() if has_rot else dummy, later.contiguous() if later is not None else dummy, om_,
         d_dt, d_lam, d_omega if has_rot else dummy, rows, T, H, S, chunk_size, nc, om_.stride(0), om_.stride(1),

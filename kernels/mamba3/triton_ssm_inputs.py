@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.launch import direct
 from hybrid.kernels.mamba3.common import token_row_stride
 
 _TRAPEZOID = {"learned": 0, "half": 1, "euler": 2}
@@ -198,7 +199,7 @@ def ssm_inputs_forward(Bm, Cm, u_dt, u_A, u_lam, u_th, dt_bias, B_norm_weight, C
     Bn, Cn = torch.empty(Bm.shape, device=dev, dtype=Bm.dtype), torch.empty(Cm.shape, device=dev, dtype=Cm.dtype)
     dt, log_decay, lam = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
     omega = torch.empty(Bsz, T, S, **f32) if rot else None
-    _ssm_inputs_fwd[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
+    direct(_ssm_inputs_fwd)[(triton.cdiv(rows, ROWS_PER_PROGRAM),)](
         Bm, Cm, u_dt, u_A, u_lam if trapezoid == "learned" else u_dt, u_th if rot else u_dt, dt_bias, B_norm_weight,
         C_norm_weight, Bn, Cn, dt, log_decay, lam, omega if rot else dt, rows, s_row, R * G, H, S, eps, A_floor,
         **_flags(N, H, S, a_activation, trapezoid, rotation), num_warps=4)
@@ -231,7 +232,7 @@ def ssm_inputs_backward(Bm, Cm, u_dt, u_A, u_lam, u_th, dt_bias, B_norm_weight, 
 
     dBn, dCn, d_dt, d_log_decay, d_lam, d_omega = grads
     zeros = torch.zeros(1, device=dev, dtype=torch.float32)
-    _ssm_inputs_bwd[(programs,)](
+    direct(_ssm_inputs_bwd)[(programs,)](
         Bm, Cm, u_dt, u_A, u_lam if learned else u_dt, u_th if rot else u_dt, dt_bias, B_norm_weight, C_norm_weight,
         grad(dBn, Bm.shape), grad(dCn, Cm.shape), grad(d_dt, (Bsz, T, H)), grad(d_log_decay, (Bsz, T, H)),
         grad(d_lam, (Bsz, T, H)) if learned else zeros, grad(d_omega, (Bsz, T, S)) if rot else zeros,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from hybrid.kernels.launch import direct
 
 # Chunks per step: each step loads the next tile while it scans this one, so K rows of each tensor it reads are in
 # flight at a time. At 1 x 64k tokens (32 heads, 64 x 128 states, bf16) a chunk is 0.5 MB across the whole GPU, far
@@ -154,7 +155,7 @@ def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tens
     PN = local[0, 0, 0].numel()
     g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
     BLOCK, warps = launch_config(Bsz * H, PN, local.element_size(), block)
-    _state_passing_fwd_k[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN,
+    direct(_state_passing_fwd_k)[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN,
                                                             K=K_FWD, BLOCK=BLOCK, num_warps=warps)
     return g_in, g_final
 
@@ -172,6 +173,6 @@ def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Te
     nblk = triton.cdiv(PN, BLOCK)
     dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
     dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dg_in.device, dtype=torch.float32)  # per channel block
-    _state_passing_bwd_k[(Bsz * H, nblk)](dg_in, g_in, cs_last, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk,
+    direct(_state_passing_bwd_k)[(Bsz * H, nblk)](dg_in, g_in, cs_last, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk,
                                           K=K_BWD, BLOCK=BLOCK, num_warps=warps)
     return dlocal, dcsl_part.sum(-1), dg0
