@@ -2,16 +2,18 @@
 
 Every ``kernel[grid](...)`` goes through ``JITFunction.run``: it binds the arguments, specialises each one, turns
 the specialisation and the options into a string key, checks the globals the kernel read, and only then calls the
-compiled launcher. On the H100 machines this costs ~100-140 us of host time per launch for the scan's ~35-argument
+compiled launcher. On the H100 machines this costs ~100-160 us of host time per launch for the scan's ~35-argument
 kernels (``scripts/host_profile_step.py --inclusive``), and a Mamba-3 block makes ~16 launches per training step:
-enough that its forward waited on Python on machines with slower hosts (docs/perf-notes.md, fifteenth session).
+enough that its forward waited on Python on machines with slower hosts. A relaunch here costs ~50-100 us
+(docs/perf-notes.md, fifteenth session).
 
 ``DirectLaunch`` keeps the compiled kernel the JIT returned for a call and launches it straight through its
 launcher the next time a call has the same specialisation. Its key refines Triton's (``launch_key``): a tensor's
 dtype and 16-byte alignment, a runtime int's value class (1, a multiple of 16, 32-bit range), and anything else by
 value (constexprs, floats, None, options such as num_warps), so two calls Triton would compile differently never
-share an entry. Under the interpreter, with a callable grid, or with ``HYBRID_TRITON_DIRECT=0`` every call takes the
-JIT's path.
+share an entry. Under the interpreter, with a callable grid, with pre-run hooks on the kernel, or with
+``HYBRID_TRITON_DIRECT=0`` every call takes the JIT's path. Not rechecked on a relaunch: the module globals the
+kernel read (the JIT raises if one changed; ours are constants).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class DirectLaunch:
         return run
 
     def launch(self, grid, args: tuple, kwargs: dict):
-        if callable(grid):
+        if callable(grid) or self.fn.pre_run_hooks:  # hooks registered on the kernel run in the JIT's path only
             return self.fn.run(*args, grid=grid, warmup=False, **kwargs)
         device = driver.active.get_current_device()
         key = (device, launch_key(args, kwargs, self.constexpr))

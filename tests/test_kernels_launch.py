@@ -28,6 +28,7 @@ class Compiled:
 
 
 class Jit:
+    pre_run_hooks = []
     params = [Param("X"), Param("n"), Param("BLOCK", is_constexpr=True), Param("FLAG", default=False, is_constexpr=True)]
 
     def __init__(self):
