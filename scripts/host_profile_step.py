@@ -103,6 +103,32 @@ def time_modules(model) -> tuple[dict[str, list[float]], list]:
     return spent, handles
 
 
+def issue_phase(model, tokens, phase: str, before=None, after=None) -> float:
+    """Host ms to issue one forward or one backward with the GPU held busy (nothing waits on it); ``before`` /
+    ``after`` run just around the timed part (a profiler's enable / disable)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(model, tokens) if phase == "backward" else None
+    torch.cuda.synchronize()
+    torch.cuda._sleep(BUSY_CYCLES)
+    if before is not None:
+        before()
+    start = time.perf_counter()
+    if phase == "forward":
+        loss_of(model, tokens)
+    else:
+        loss.backward()
+    elapsed = (time.perf_counter() - start) * 1e3
+    if after is not None:
+        after()
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def print_times(spent: dict[str, list[float]]) -> None:
+    for key, values in sorted(spent.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {key:<48} {sum(values):7.2f} ms in {len(values):3d} calls, {sum(values) / len(values) * 1e3:6.0f} us each")
+
+
 def profile(pattern: str, seq_len: int, top: int, inclusive: bool = False) -> None:
     model = hybrid.build_model(pattern, d_model=768, vocab_size=50304).cuda().train()
     tokens = torch.randint(0, 50304, (32768 // seq_len, seq_len), device="cuda")
@@ -112,65 +138,27 @@ def profile(pattern: str, seq_len: int, top: int, inclusive: bool = False) -> No
     torch.cuda.synchronize()
 
     spent, handles = time_modules(model)
-    model.zero_grad(set_to_none=True)
-    torch.cuda._sleep(BUSY_CYCLES)
-    start = time.perf_counter()
-    loss = loss_of(model, tokens)
-    forward_ms = (time.perf_counter() - start) * 1e3
+    forward_ms = issue_phase(model, tokens, "forward")
     for h in handles:
         h.remove()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(BUSY_CYCLES)
-    start = time.perf_counter()
-    loss.backward()
-    backward_ms = (time.perf_counter() - start) * 1e3
-    torch.cuda.synchronize()
-
+    backward_ms = issue_phase(model, tokens, "backward")
     print(f"{pattern} @ {32768 // seq_len}x{seq_len}: host forward {forward_ms:.1f} ms, backward {backward_ms:.1f} ms "
           f"(GPU held busy)")
-    for key, values in sorted(spent.items(), key=lambda kv: -sum(kv[1])):
-        print(f"  {key:<48} {sum(values):7.2f} ms in {len(values):2d} calls, {sum(values) / len(values) * 1e3:6.0f} us each")
+    print_times(spent)
 
     stats = io.StringIO()
     for phase in ("forward", "backward"):
-        model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if phase == "backward":
-            loss = loss_of(model, tokens)
-            torch.cuda.synchronize()
-        torch.cuda._sleep(BUSY_CYCLES)
         prof = cProfile.Profile()
-        prof.enable()
-        if phase == "forward":
-            loss = loss_of(model, tokens)
-        else:
-            loss.backward()
-        prof.disable()
-        torch.cuda.synchronize()
+        issue_phase(model, tokens, phase, prof.enable, prof.disable)
         stats.write(f"--- {phase}: functions by own host time (cProfile inflates pure-Python calls)\n")
         pstats.Stats(prof, stream=stats).sort_stats("tottime").print_stats(top)
     print("\n".join(line for line in stats.getvalue().splitlines() if line.strip()))
     if inclusive:
         spent = wrap_for_inclusive_times()
         for phase in ("forward", "backward"):
-            model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if phase == "backward":
-                loss = loss_of(model, tokens)
-                torch.cuda.synchronize()
-                spent.clear()
-            torch.cuda._sleep(BUSY_CYCLES)
-            start = time.perf_counter()
-            if phase == "forward":
-                loss = loss_of(model, tokens)
-            else:
-                loss.backward()
-            total = (time.perf_counter() - start) * 1e3
-            torch.cuda.synchronize()
+            total = issue_phase(model, tokens, phase, spent.clear)
             print(f"--- {phase}: {total:.1f} ms of host; inclusive host time of the Mamba-3 kernel modules' functions")
-            for label, values in sorted(spent.items(), key=lambda kv: -sum(kv[1])):
-                print(f"  {label:<48} {sum(values):7.2f} ms in {len(values):3d} calls, "
-                      f"{sum(values) / len(values) * 1e3:6.0f} us each")
+            print_times(spent)
 
 
 def main() -> None:
