@@ -85,8 +85,8 @@ def angle_offsets_triton(omega: torch.Tensor, dt: torch.Tensor, angle_dt: bool, 
     BH, BS = triton.next_power_of_2(heads), triton.next_power_of_2(S)
     TB = max(1, min(chunk_size, 4096 // (BH * BS)))  # a (TB, BH, BS) float64 tile of at most 4096 elements
     direct(_angle_chunk_totals)[(Bsz * nc,)](dt, omega, inc, T, heads, S, nc, dt.stride(0), dt.stride(1), dt.stride(2),
-                                     omega.stride(0), omega.stride(1), C=chunk_size, BH=BH, BS=BS, TB=TB,
-                                     ANGLE_DT=angle_dt, num_warps=4)
+                                             omega.stride(0), omega.stride(1), C=chunk_size, BH=BH, BS=BS, TB=TB,
+                                             ANGLE_DT=angle_dt, num_warps=4)
     off = torch.empty(Bsz, nc, heads, S, device=dev, dtype=torch.float32)
     final = torch.empty(Bsz, heads, S, device=dev, dtype=torch.float64)
     HS = heads * S
@@ -95,5 +95,5 @@ def angle_offsets_triton(omega: torch.Tensor, dt: torch.Tensor, angle_dt: bool, 
     BLK, CB = min(32, triton.next_power_of_2(HS)), min(64, triton.next_power_of_2(nc))
     start = theta0.contiguous() if theta0 is not None else final  # never read without HAS_START
     direct(_angle_prefix)[(Bsz, triton.cdiv(HS, BLK))](inc, start, off, final, nc, HS, CB=CB, BLK=BLK,
-                                               HAS_START=theta0 is not None, num_warps=4)
+                                                       HAS_START=theta0 is not None, num_warps=4)
     return off, final

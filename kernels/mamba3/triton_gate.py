@@ -63,5 +63,5 @@ def gate_backward(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dz: torc
     dout = dout.contiguous()
     dy = torch.empty_like(y)
     direct(_gate_bwd)[(B * T, triton.cdiv(cols, GATE_BLOCK))](dout, y, z, dy, dz, cols, _rows(z, cols), _rows(dz, cols),
-                                                      BLOCK=GATE_BLOCK, num_warps=4)
+                                                              BLOCK=GATE_BLOCK, num_warps=4)
     return dy

@@ -156,7 +156,7 @@ def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tens
     g_in, g_final = torch.empty_like(local), torch.empty_like(g0)
     BLOCK, warps = launch_config(Bsz * H, PN, local.element_size(), block)
     direct(_state_passing_fwd_k)[(Bsz * H, triton.cdiv(PN, BLOCK))](local, cs_last, g0, g_in, g_final, H, nc, PN,
-                                                            K=K_FWD, BLOCK=BLOCK, num_warps=warps)
+                                                                    K=K_FWD, BLOCK=BLOCK, num_warps=warps)
     return g_in, g_final
 
 
@@ -174,5 +174,5 @@ def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Te
     dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
     dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dg_in.device, dtype=torch.float32)  # per channel block
     direct(_state_passing_bwd_k)[(Bsz * H, nblk)](dg_in, g_in, cs_last, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk,
-                                          K=K_BWD, BLOCK=BLOCK, num_warps=warps)
+                                                  K=K_BWD, BLOCK=BLOCK, num_warps=warps)
     return dlocal, dcsl_part.sum(-1), dg0
