@@ -132,6 +132,8 @@ def specialised(fn, described: dict) -> tuple[dict, dict, dict]:
              "uint8": "*u8", "bool": "*i1"}
     sig, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
+        if p.name not in described and p.is_constexpr:  # a flag with a default, not passed at the launch: its default
+            described = {**described, p.name: ["const", p.default]}  # (--set overrides it like any constexpr)
         kind, *rest = described[p.name]
         if p.is_constexpr:
             sig[p.name], constexprs[p.name] = "constexpr", rest[0]
