@@ -1,10 +1,16 @@
 """Quick A/B of the Triton Mamba-3 SISO scan (a diagnostic for kernel changes, not the benchmark of record).
 
-    python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--chunk 64] [--out F.json]
+    python scripts/ab_scan.py --tag NAME [--shapes 8x4096,1x65536] [--chunk 64] [--proxy prerotated] [--out F.json]
 
 For each shape: forward and forward+backward wall time (medians of do_bench), the CPU time to issue one forward
 (host-bound when it reaches the GPU time), and the self CUDA time of every kernel of one profiled f+b. Run it
 once per variant in the same call (same machine), and compare the lines.
+
+``--proxy prerotated`` times the kernels' side of inputs rotated and biased ahead of the scan
+(docs/notes/issue4-scan-next.md): q and k per head, (B, T, H, N) instead of the group-shared (B, T, G, N), with no
+rotation and no biases left to the kernels. It computes another function, with the same work less the rotation and
+the biases, and with per-head q / k traffic; it leaves out the pass that would write the rotated inputs, the angle
+gradients and the pass that would undo the rotation, so it bounds what the kernels could gain.
 """
 
 from __future__ import annotations
@@ -35,8 +41,18 @@ def kernel_times(fb) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def measure(B: int, T: int, chunk: int) -> dict:
+def prerotated_proxy(x: dict) -> dict:
+    """The scan's inputs as if rotated and biased ahead of it: q, k per head, no angles, no biases."""
+    H = x["v"].shape[2]
+    per_head = {key: x[key].detach().expand(*x[key].shape[:2], H, x[key].shape[-1]).contiguous().requires_grad_()
+                for key in ("q", "k")}
+    return {**x, **per_head, "omega": None, "q_bias": None, "k_bias": None}
+
+
+def measure(B: int, T: int, chunk: int, proxy: str | None = None) -> dict:
     x = inputs(B, T, requires_grad=True)
+    if proxy == "prerotated":
+        x = prerotated_proxy(x)
     dy = torch.randn_like(x["v"])
 
     def fwd():
@@ -85,12 +101,13 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--shapes", default="8x4096,2x16384,1x65536")
     ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--proxy", choices=["prerotated"], help="time a stand-in for another input layout (see above)")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
     for shape in args.shapes.split(","):
         B, T = (int(v) for v in shape.split("x"))
-        row = measure(B, T, args.chunk)
+        row = measure(B, T, args.chunk, args.proxy)
         rows.append({"tag": args.tag, "shape": shape, **row, "chosen_configs": chosen_configs()})
         top = ", ".join(f"{k.split('(')[0]} {v}" for k, v in list(row["kernels_ms"].items())[:7])
         print(f"[{args.tag}] {shape}: fwd {row['fwd_ms']:.3f} ms (host {row['host_fwd_ms']:.3f}), f+b {row['fb_ms']:.3f} ms"
