@@ -6,11 +6,12 @@ For each shape: forward and forward+backward wall time (medians of do_bench), th
 (host-bound when it reaches the GPU time), and the self CUDA time of every kernel of one profiled f+b. Run it
 once per variant in the same call (same machine), and compare the lines.
 
-``--proxy prerotated`` times the kernels' side of inputs rotated and biased ahead of the scan
-(docs/notes/issue4-scan-next.md): q and k per head, (B, T, H, N) instead of the group-shared (B, T, G, N), with no
-rotation and no biases left to the kernels. It computes another function, with the same work less the rotation and
-the biases, and with per-head q / k traffic; it leaves out the pass that would write the rotated inputs, the angle
-gradients and the pass that would undo the rotation, so it bounds what the kernels could gain.
+``--proxy prerotated`` times a stand-in for inputs rotated and biased ahead of the scan
+(docs/notes/issue4-scan-next.md): each call first copies the group-shared q and k out per head, (B, T, G, N) ->
+(B, T, H, N), as a pass writing rotated inputs would, and its backward sums their gradients over heads, as the pass
+undoing the rotation would; the kernels get no rotation and no biases. It computes another function, with the
+same kernel work less the rotation and the biases and with per-head q / k traffic; it leaves out the rotation math
+in those two passes and the angle gradients, so it bounds what the layout could gain.
 """
 
 from __future__ import annotations
@@ -41,22 +42,24 @@ def kernel_times(fb) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def prerotated_proxy(x: dict) -> dict:
-    """The scan's inputs as if rotated and biased ahead of it: q, k per head, no angles, no biases."""
+def prerotated_proxy(x: dict):
+    """A per-call function giving the scan's inputs as if rotated and biased ahead of it: q, k copied out per head
+    (their gradients summed back over heads by autograd), no angles, no biases."""
     H = x["v"].shape[2]
-    per_head = {key: x[key].detach().expand(*x[key].shape[:2], H, x[key].shape[-1]).contiguous().requires_grad_()
-                for key in ("q", "k")}
-    return {**x, **per_head, "omega": None, "q_bias": None, "k_bias": None}
+
+    def call_inputs() -> dict:
+        per_head = {key: x[key].expand(*x[key].shape[:2], H, x[key].shape[-1]).contiguous() for key in ("q", "k")}
+        return {**x, **per_head, "omega": None, "q_bias": None, "k_bias": None}
+    return call_inputs
 
 
 def measure(B: int, T: int, chunk: int, proxy: str | None = None) -> dict:
     x = inputs(B, T, requires_grad=True)
-    if proxy == "prerotated":
-        x = prerotated_proxy(x)
+    call_inputs = prerotated_proxy(x) if proxy == "prerotated" else (lambda: x)
     dy = torch.randn_like(x["v"])
 
     def fwd():
-        return mamba3_siso_chunk(**x, chunk_size=chunk)[0]
+        return mamba3_siso_chunk(**call_inputs(), chunk_size=chunk)[0]
 
     def fb():
         fwd().backward(dy)
