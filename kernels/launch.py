@@ -73,7 +73,7 @@ class DirectLaunch:
         if hit is None:
             kernel = self.fn.run(*args, grid=grid, warmup=False, **kwargs)
             if len(self.compiled) < MAX_ENTRIES and hasattr(kernel, "packed_metadata"):
-                self.compiled[key] = (kernel, self._tail(len(args), kwargs))
+                self.compiled[key] = (kernel, self._tail(len(args)))
             return kernel
         kernel, tail = hit
         # The launcher takes every parameter in signature order, constexprs included (it skips those).
@@ -85,7 +85,7 @@ class DirectLaunch:
                    kernel.launch_metadata(grid, stream, *params), knobs.launch_enter_hook, knobs.launch_exit_hook, *params)
         return kernel
 
-    def _tail(self, n_positional: int, kwargs: dict) -> list[tuple[str, object]]:
+    def _tail(self, n_positional: int) -> list[tuple[str, object]]:
         """The parameters after the positional ones, each with its default (used where a call does not pass it)."""
         return [(p.name, p.default) for p in self.fn.params[n_positional:]]
 

@@ -32,14 +32,16 @@ import hybrid
 BUSY_CYCLES = 4_000_000_000  # ~2 s of GPU sleep: longer than any forward or backward takes to issue
 
 
-WRAPPED_MODULES = ("hybrid.kernels.mamba3." + name for name in (
+WRAPPED_MODULES = tuple("hybrid.kernels.mamba3." + name for name in (
     "siso_mixer", "triton_siso", "triton_siso_bwd", "triton_ssm_inputs", "triton_gate", "triton_state_passing",
     "triton_angles", "common"))
 
 
+@functools.cache  # once per process: a second wrapping would time the timers
 def wrap_for_inclusive_times() -> dict[str, list[float]]:
     """Replace every module-level function (and tuned kernel launcher) of the Mamba-3 kernel modules, in every
-    module that refers to it, by a timer of its host time (ms, inclusive of what it calls)."""
+    module that refers to it, by a timer of its host time (ms, inclusive of what it calls). Returns the times,
+    one list per function, shared by every later call."""
     spent: dict[str, list[float]] = defaultdict(list)
     modules = [importlib.import_module(name) for name in WRAPPED_MODULES]
     originals = {}
