@@ -232,13 +232,6 @@ def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_s
     (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches), the chunk's token
     indices, the document flags of ``_seq_flags`` (placeholders without documents) and the coefficients."""
     c, bh = _chunk_and_head(HEADS_FIRST)
-    return _chunk_program_at(c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
-
-
-@triton.jit
-def _chunk_program_at(c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
-                      HAS_SEQ: tl.constexpr):
-    """``_chunk_program`` for a given chunk c and b * H + h (int64), e.g. one step of a program's walk over chunks."""
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)

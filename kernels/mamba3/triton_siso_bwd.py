@@ -34,8 +34,6 @@ back over earlier chunks only as far as the document reaches (a reset-aware reve
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -43,9 +41,7 @@ from hybrid.kernels.launch import direct
 from hybrid.kernels.mamba3.triton_siso import (
     ROW_ALIGN,
     SISO_KEY,
-    _chunk_and_head,
     _chunk_program,
-    _chunk_program_at,
     _chunk_scores,
     _from_eo,
     _qk_pairs,
@@ -99,40 +95,14 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr, WALK: tl.constexpr = 1,
-                       WALK_STAGES: tl.constexpr = 1):
-    """One chunk per program on a (chunks, B * H) grid; with WALK > 1 each program walks WALK consecutive chunks
-    (grid (chunks / WALK, B * H)), software-pipelined over WALK_STAGES stages, so the next chunk's loads overlap
-    this chunk's arithmetic."""
-    cw, bh = _chunk_and_head(HEADS_FIRST)
-    if WALK == 1:
-        _dq_chunk(cw, bh, Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
-                  DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART, T, H, S, nc, heads_per_group,
-                  s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
-                  C, N2, NB, P, ROT_BLOCKS, HAS_QB, HAS_KB, HAS_D, ANGLE_DT, HAS_SEQ)
-    else:
-        for i in tl.range(0, WALK, num_stages=WALK_STAGES):
-            _dq_chunk(cw * WALK + i, bh, Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
-                      DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART, T, H, S, nc, heads_per_group,
-                      s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
-                      C, N2, NB, P, ROT_BLOCKS, HAS_QB, HAS_KB, HAS_D, ANGLE_DT, HAS_SEQ)
-
-
-@triton.jit
-def _dq_chunk(c, bh, Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
-              DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
-              T, H, S, nc, heads_per_group,
-              s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
-              C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-              HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-              HAS_SEQ: tl.constexpr):
+                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
     ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
     intra-chunk and skip terms, dx_i = sum_j w_ji s_ji dy_j + D dy_i, from the scores it holds anyway (the dx kernel
     adds the local-state term), and d D's chunk sum (the trace of dy x^T)."""
-    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program_at(
-        c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
+    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
+        A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
     base = b * s_kb + g * s_kg
     dtype = X.dtype.element_ty
@@ -402,13 +372,6 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     return d_dt, d_lam, d_omega
 
 
-def _dq_walk(nc: int) -> tuple[int, int]:
-    """(chunks per dq program, pipeline stages of its walk): ``HYBRID_DQ_WALK=W[,S]`` (experiment), else (1, 1)."""
-    spec = os.environ.get("HYBRID_DQ_WALK", "1").split(",")
-    walk, stages = int(spec[0]), int(spec[1]) if len(spec) > 1 else 2
-    return (walk, stages) if walk > 1 and nc % walk == 0 else (1, 1)
-
-
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
                           d_v_last: torch.Tensor | None, dx_out: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Gradients of ``mamba3_siso_chunk_fwd`` given what it saved (``ctx``) and the output gradients.
@@ -457,13 +420,11 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    walk, walk_stages = _dq_walk(nc)
-    walk_flags = dict(WALK=walk, WALK_STAGES=walk_stages) if walk > 1 else {}
-    _chunk_scan_bwd_dq_tuned[(nc // walk, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                                    seq, ctx["g_in"], dy,
-                                                    dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part,
-                                                    *common, *dx_strides,
-                                                    HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags, **walk_flags)
+    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
+                                            seq, ctx["g_in"], dy,
+                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
+                                            *dx_strides,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
