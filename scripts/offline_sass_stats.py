@@ -229,7 +229,7 @@ def main() -> None:
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": args.warps, "num_stages": args.stages})
-        print(f"{name:6s} {sass_stats(compiled.asm['cubin'])}", flush=True)
+        print(f"{name:6s} {sass_stats(compiled.asm['cubin'])} smem {compiled.metadata.shared}", flush=True)
         if args.lines:
             print(line_table(compiled.asm["cubin"], args.lines), flush=True)
 
