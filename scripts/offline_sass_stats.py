@@ -204,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=1)
+    ap.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (as a tuned config's maxnreg)")
     ap.add_argument("--kernels", default="fwd,state,dq,dx,dk")
     ap.add_argument("--mma-sync", default="dx,dk", help="kernels compiled without wgmma, as the tuned ones are")
     ap.add_argument("--set", nargs="*", default=[], help="extra constexpr flags, NAME=INT")
@@ -228,7 +229,8 @@ def main() -> None:
         with triton_siso.mma_sync_compile() if name in args.mma_sync.split(",") else contextlib.nullcontext():
             compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                                       target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": args.warps, "num_stages": args.stages})
+                                      options={"num_warps": args.warps, "num_stages": args.stages,
+                                               **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
         print(f"{name:6s} {sass_stats(compiled.asm['cubin'])} smem {compiled.metadata.shared}", flush=True)
         if args.lines:
             print(line_table(compiled.asm["cubin"], args.lines), flush=True)

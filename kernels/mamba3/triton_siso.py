@@ -416,6 +416,10 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
     configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in capped]
+    # Diagnostic: HYBRID_TRITON_CAPS="4,1,168;8,1,128" offers every tuned kernel these (warps, stages, maxnreg) too.
+    extra = os.environ.get("HYBRID_TRITON_CAPS", "")
+    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m)
+                for w, st, m in (map(int, spec.split(",")) for spec in extra.split(";") if spec)]
     if os.environ.get("HYBRID_TRITON_TUNE", "all") == "fixed":
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
