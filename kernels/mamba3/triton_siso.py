@@ -405,6 +405,18 @@ class ChosenConfig:
         return getattr(self.autotuner, name)
 
 
+def extra_caps() -> list[tuple[int, int, int]]:
+    """Diagnostic: ``HYBRID_TRITON_CAPS="4,1,168;8,1,128"`` offers every tuned kernel these (warps, stages, maxnreg)
+    configs too, for register-cap experiments without code changes (docs/perf-notes.md, "Chunk 32 again")."""
+    caps = []
+    for spec in filter(None, os.environ.get("HYBRID_TRITON_CAPS", "").split(";")):
+        parts = spec.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"HYBRID_TRITON_CAPS: expected 'warps,stages,maxnreg' entries separated by ';', got {spec!r}")
+        caps.append(tuple(int(p) for p in parts))
+    return caps
+
+
 def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N2", "P"),
           capped: tuple[tuple[int, int, int], ...] = (), mma_sync: bool = False):
     """On a GPU, choose num_warps / num_stages per tile shape by timing (Triton autotune, once per shape).
@@ -416,10 +428,7 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
     configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in capped]
-    # Diagnostic: HYBRID_TRITON_CAPS="4,1,168;8,1,128" offers every tuned kernel these (warps, stages, maxnreg) too.
-    extra = os.environ.get("HYBRID_TRITON_CAPS", "")
-    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m)
-                for w, st, m in (map(int, spec.split(",")) for spec in extra.split(";") if spec)]
+    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in extra_caps()]
     if os.environ.get("HYBRID_TRITON_TUNE", "all") == "fixed":
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
