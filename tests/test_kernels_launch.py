@@ -122,14 +122,3 @@ def test_gpu_direct_relaunch_matches_the_jit_and_torch():
         outs.append(len(wrapped.compiled))
     assert outs == [1, 1, 2]  # the second launch reused the first entry; the misaligned z compiled its own
 
-
-def test_extra_caps_parses_the_diagnostic_knob_and_names_a_bad_entry(monkeypatch):
-    from hybrid.kernels.mamba3.triton_siso import extra_caps
-
-    monkeypatch.delenv("HYBRID_TRITON_CAPS", raising=False)
-    assert extra_caps() == []
-    monkeypatch.setenv("HYBRID_TRITON_CAPS", "4,1,168;8,2,128;")
-    assert extra_caps() == [(4, 1, 168), (8, 2, 128)]
-    monkeypatch.setenv("HYBRID_TRITON_CAPS", "4,168")
-    with pytest.raises(ValueError, match="warps,stages,maxnreg"):
-        extra_caps()

@@ -557,3 +557,15 @@ def test_gpu_x_in_place_of_the_in_proj_output():
         assert _rel(b.float(), a.float()) < 1e-3
     for name in g_a:
         assert _rel(g_b[name].float(), g_a[name].float()) < 1e-3, name
+
+
+def test_extra_caps_parses_the_diagnostic_knob_and_names_a_bad_entry(monkeypatch):
+    from hybrid.kernels.mamba3.triton_siso import extra_caps
+
+    monkeypatch.delenv("HYBRID_TRITON_CAPS", raising=False)
+    assert extra_caps() == []
+    monkeypatch.setenv("HYBRID_TRITON_CAPS", "4,1,168;8,2,128;")
+    assert extra_caps() == [(4, 1, 168), (8, 2, 128)]
+    monkeypatch.setenv("HYBRID_TRITON_CAPS", "4,168")
+    with pytest.raises(ValueError, match="warps,stages,maxnreg"):
+        extra_caps()

@@ -427,8 +427,7 @@ def tuned(kernel, restore: tuple[str, ...] = (), key: tuple[str, ...] = ("C", "N
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
-    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in capped]
-    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in extra_caps()]
+    configs += [triton.Config({}, num_warps=w, num_stages=st, maxnreg=m) for w, st, m in (*capped, *extra_caps())]
     if os.environ.get("HYBRID_TRITON_TUNE", "all") == "fixed":
         # One config, no timing: each config of these kernels takes seconds to compile, and the GPU tests check
         # values, not speed (scripts/check_scan_determinism.py runs every config).
