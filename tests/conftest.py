@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 else:
     os.environ.setdefault("HYBRID_TRITON_TUNE", "fixed")  # compile one launch config per kernel, not six
+    # Kernels with an atomic fast path run their bit-reproducible one in tests (tests of the fast path ask for it).
+    os.environ.setdefault("HYBRID_DETERMINISTIC", "1")
 
 
 def pytest_collection_modifyitems(config, items):

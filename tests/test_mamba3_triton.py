@@ -87,6 +87,70 @@ def test_chunk_forward_matches_reference(case):
     _check_state(state, want_state, 2e-4)
 
 
+@pytest.mark.parametrize("case", ["ragged-gqa", "short", "norot-nobias", "rope-full"])
+def test_chained_chunk_states_match_reference(monkeypatch, case):
+    """Chunk states formed and passed in one launch (programs handing states on chunk by chunk, the GPU's default
+    at few chunks) against the float64 reference; the two-launch path must not run."""
+    from hybrid.kernels.mamba3 import triton_siso
+
+    def two_launch_path(*args, **kwargs):
+        raise AssertionError("state_passing_fwd ran with HYBRID_SCAN_CHAIN=on")
+
+    monkeypatch.setenv("HYBRID_SCAN_CHAIN", "on")
+    monkeypatch.setattr(triton_siso, "state_passing_fwd", two_launch_path)
+    kw = dict(CASES[case])
+    angle_dt = kw.get("angle_dt", True)
+    inp64, st64 = make(**kw)
+    want_y, want_state = reference(inp64, st64, angle_dt)
+    inp32 = {k: (v.float() if torch.is_tensor(v) else v) for k, v in inp64.items()}
+    st32 = None if st64 is None else Mamba3State(*(s.float() for s in st64))
+    y, state = mamba3_siso_chunk_fwd(**inp32, angle_dt=angle_dt, initial_state=st32, chunk_size=16)
+    _close(y, want_y[:, :, 0], 2e-4)
+    _check_state(state, want_state, 2e-4)
+
+
+def test_chain_mode_follows_chunks_and_names_a_bad_value(monkeypatch):
+    from hybrid.kernels.mamba3.triton_siso import CHAIN_MAX_CHUNKS, chained_states
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("HYBRID_SCAN_CHAIN", raising=False)
+    assert chained_states(CHAIN_MAX_CHUNKS, 256, gpu) and not chained_states(CHAIN_MAX_CHUNKS + 1, 256, gpu)
+    assert not chained_states(4, 256, cpu)
+    monkeypatch.setenv("HYBRID_SCAN_CHAIN", "on")
+    assert chained_states(10 * CHAIN_MAX_CHUNKS, 1, cpu)
+    monkeypatch.setenv("HYBRID_SCAN_CHAIN", "off")
+    assert not chained_states(4, 256, gpu)
+    monkeypatch.setenv("HYBRID_SCAN_CHAIN", "maybe")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        chained_states(4, 256, gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 4096, 32), (2, 1000, 8), (3, 16384, 4)])
+def test_gpu_chained_chunk_states_match_two_launches(monkeypatch, shape):
+    """On the GPU (programs really run at once and wait on each other): the chained forward's output, final state
+    and saved entering states against the two-launch path, run after run, including a long chain (256 chunks)."""
+    from hybrid.kernels.mamba3.triton_siso import chunk_forward
+
+    B, T, H = shape
+    inp, st = make(B=B, T=T, G=1, H=H, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
+    inp = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v) for k, v in inp.items()}
+    args = [inp[k] for k in ("q", "k", "v", "log_decay", "dt", "lam", "omega")]
+    rest = [True, inp["q_bias"], inp["k_bias"], inp["D"], st, 64]
+
+    def run(mode):
+        monkeypatch.setenv("HYBRID_SCAN_CHAIN", mode)
+        y, state, ctx = chunk_forward(*args, *rest)
+        return y.float(), state.ssm, ctx["g_in"].float()
+
+    want = run("off")
+    for _ in range(3):
+        got = run("on")
+        for a, b, name in zip(got, want, ("y", "final state", "entering states")):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < 1e-2, name
+
+
 @pytest.mark.parametrize("angle_dt", [True, False])
 def test_decode_step_matches_recurrence(angle_dt):
     inp64, st64 = make(T=6, angle_dt=angle_dt)
@@ -191,6 +255,67 @@ def test_backward_kernels_match_reference_gradients(case):
     labels = names + ([] if st is None else ["ssm0", "k0", "v0"])
     errors = {name: _rel(a, b) for name, a, b in zip(labels, got, want)}
     assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("case", ["ragged-init", "gqa-rope-full"])
+def test_group_sums_by_atomics_match_reference_gradients(monkeypatch, case):
+    """dq / dk added into their group's rows by atomics (the GPU's default outside deterministic mode), with the final
+    key's gradient folded into the group, against the float64 reference."""
+    from hybrid.kernels.mamba3.siso import mamba3_siso_chunk, mamba3_siso_reference
+
+    monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", "atomic")
+    inp, st = make(**GRAD_CASES[case])
+    names = [k for k, v in inp.items() if v is not None]
+    got = forward_and_grads(mamba3_siso_chunk, inp, st, names, torch.float32, True)[2]
+    want = forward_and_grads(mamba3_siso_reference, inp, st, names, torch.float64, True)[2]
+    errors = {name: _rel(a, b) for name, a, b in zip(names + ["ssm0", "k0", "v0"], got, want)}
+    assert all(e < 2e-4 for e in errors.values()), errors
+
+
+def test_group_sum_mode_follows_determinism_and_names_a_bad_value(monkeypatch):
+    from hybrid.kernels.mamba3.triton_siso_bwd import group_sums_by_atomics
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("HYBRID_SCAN_GROUP_SUM", raising=False)
+    monkeypatch.delenv("HYBRID_DETERMINISTIC", raising=False)
+    assert group_sums_by_atomics(gpu) and not group_sums_by_atomics(cpu)
+    monkeypatch.setenv("HYBRID_DETERMINISTIC", "1")
+    assert not group_sums_by_atomics(gpu)
+    monkeypatch.delenv("HYBRID_DETERMINISTIC")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not group_sums_by_atomics(gpu)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", "atomic")
+    assert group_sums_by_atomics(cpu)
+    monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", "sometimes")
+    with pytest.raises(ValueError, match="auto, atomic or store"):
+        group_sums_by_atomics(gpu)
+
+
+@pytest.mark.gpu
+def test_gpu_group_sums_by_atomics_match_per_head_sums(monkeypatch):
+    """The atomic group sums against the deterministic per-head path at a real shape in bf16: the same gradients
+    up to the order of fp32 additions (and the per-head path's bf16 rounding of each head's term)."""
+    from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
+
+    inp, st = make(B=2, T=1000, G=1, H=8, N=128, P=64, S=32, dtype=torch.float32, device="cuda")
+    names = ["q", "k", "v", "log_decay", "dt", "lam", "omega", "q_bias", "k_bias", "D"]
+
+    def grads(mode):
+        monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", mode)
+        leaves = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v).detach().clone().requires_grad_(True)
+                  for k, v in inp.items()}
+        y, _ = mamba3_siso_chunk(**leaves, initial_state=st, chunk_size=64)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        (y.float() * torch.randn(y.shape, generator=gen, device="cuda")).sum().backward()
+        return [leaves[k].grad.float() for k in names]
+
+    atomic, store = grads("atomic"), grads("store")
+    for name, a, b in zip(names, atomic, store):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-2, name
 
 
 def test_no_final_state_when_not_needed():

@@ -22,7 +22,8 @@ Backward, four launches mirroring the forward:
 Glue (``mamba3_siso_chunk_bwd``): PyTorch sums the per-head q/k gradients into their groups and biases and
 carries each chunk's entry-angle gradient back over the chunks before it (a reverse cumulative sum); one
 kernel (``_coef_grads``) then turns d scale / d gamma into d dt / d lambda and the angle gradient into
-d omega / d dt. No atomics: results are deterministic.
+d omega / d dt. Deterministic (no atomics) except for one option: on a GPU outside deterministic mode, dq / dk
+are summed over a group's heads by fp32 atomics in the kernels (``group_sums_by_atomics``).
 
 Sequence boundaries (HAS_SEQ, ``seq_idx``) mask the same terms as in the forward: the intra weights between
 documents, the entering state outside the document open at the chunk start, the local state outside the
@@ -33,6 +34,8 @@ back over earlier chunks only as far as the document reaches (a reset-aware reve
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -89,13 +92,29 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 
 
 @triton.jit
+def _qk_grad_out(PTR, dE, dO, b, t, tmask, h, g, T, H, heads_per_group, nb, N2: tl.constexpr, GROUP_SUM: tl.constexpr):
+    """A column block of a head's dq or dk (C, NB) each half, stored per head (B, T, H, N) for the glue to sum over
+    the group's heads, or with GROUP_SUM added straight into the group's fp32 rows (B, T, G, N) by atomics: the
+    per-head tensor's write and read (0.5 GB at 8 x 4k, 32 heads, bf16) become L2 atomics on a buffer that stays in
+    L2. The order of the additions then varies between runs, so the glue uses this only outside deterministic mode."""
+    if GROUP_SUM:
+        off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * 2 * N2 + nb[None, :]
+        tl.atomic_add(PTR + off, dE, mask=tmask[:, None], sem="relaxed")
+        tl.atomic_add(PTR + off + N2, dO, mask=tmask[:, None], sem="relaxed")
+    else:
+        off = ((b * T + t[:, None]) * H + h) * 2 * N2 + nb[None, :]
+        tl.store(PTR + off, dE, mask=tmask[:, None])
+        tl.store(PTR + off + N2, dO, mask=tmask[:, None])
+
+
+@triton.jit
 def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
                        DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
+                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
     ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
@@ -132,7 +151,6 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
     dgbase = DG_IN + ((b * nc + c) * H + h) * P * 2 * N2
     dye = tl.trans(dy.to(tl.float32) * ecs[:, None]).to(dtype)  # (P, C)
-    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DQB_PART + ((b * nc + c) * H + h) * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
@@ -151,8 +169,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
             tl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + nb[None, :], dth,
                      mask=tmask[:, None] & (nb < S)[None, :])
             dqE, dqO = _unrotate(dqE, dqO, cos, sin)
-        tl.store(DQH + qk_off + nb[None, :], dqE, mask=tmask[:, None])
-        tl.store(DQH + qk_off + N2 + nb[None, :], dqO, mask=tmask[:, None])
+        _qk_grad_out(DQH, dqE, dqO, b, t, tmask, h, g, T, H, heads_per_group, nb, N2, GROUP_SUM)
         if HAS_QB:
             tl.store(part + nb, tl.sum(dqE, axis=0))
             tl.store(part + N2 + nb, tl.sum(dqO, axis=0))
@@ -208,7 +225,7 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       HEADS_FIRST: tl.constexpr):
+                       HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr):
     """Key side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), the local-state terms,
     d log-decay (reverse cumulative sum of everything d cs), d scale, and d angle (completed and reverse-summed).
     Runs after ``_chunk_scan_bwd_dq``, whose d cs, d scale and d angle it completes in place."""
@@ -232,7 +249,6 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     e = to_end_w * scale
     m_loc = tl.zeros((C,), dtype=tl.float32)  # d scale_i from the local state, over all channel blocks
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
-    qk_off = ((b * T + t[:, None]) * H + h) * 2 * N2
     part = DKB_PART + ((b * nc + c) * H + h) * 2 * N2
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
@@ -252,8 +268,7 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
             _store_angle_grad(DTHETA, DTHETA_TOT, dth, th_off, th_mask, ((b * nc + c) * H + h) * S + nb, smask, seq, enter,
                               HAS_SEQ)
             dkE, dkO = _unrotate(dkE, dkO, cos, sin)
-        tl.store(DKH + qk_off + nb[None, :], dkE, mask=tmask[:, None])
-        tl.store(DKH + qk_off + N2 + nb[None, :], dkO, mask=tmask[:, None])
+        _qk_grad_out(DKH, dkE, dkO, b, t, tmask, h, g, T, H, heads_per_group, nb, N2, GROUP_SUM)
         if HAS_KB:
             tl.store(part + nb, tl.sum(dkE, axis=0))
             tl.store(part + N2 + nb, tl.sum(dkO, axis=0))
@@ -267,12 +282,14 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
 
 
-_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, key=SISO_KEY)
+# With GROUP_SUM dq / dk add into a zeroed buffer: the tuner restores it between its trial runs.
+_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, restore=("DQH",), key=(*SISO_KEY, "GROUP_SUM"))
 # dk compiles without wgmma: Triton 3.6's wgmma path faulted on dk and the old dx (which formed a (C, C) tile) with
 # several column blocks (illegal addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block
 # (exact) they ran 50% slower. The local-state-only dx has no (C, C) tile and runs exact on wgmma, 2-5% faster.
 _chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY)
-_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA"), key=SISO_KEY, mma_sync=True)
+_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA", "DKH"), key=(*SISO_KEY, "GROUP_SUM"),
+                                 mma_sync=True)
 
 @triton.jit
 def _coef_grads(DSCALE, DGAMMA, DT, LAM, SEQ, DINC, LATER, OM, D_DT, D_LAM, D_OMEGA,
@@ -372,6 +389,21 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     return d_dt, d_lam, d_omega
 
 
+def group_sums_by_atomics(device: torch.device) -> bool:
+    """Whether dq / dk are summed over each group's heads by atomics in the kernels (faster; the order of the fp32
+    additions varies between runs) or stored per head and summed after (bit-reproducible). ``HYBRID_SCAN_GROUP_SUM``:
+    ``auto`` (default) takes atomics on a GPU unless determinism is asked for, by
+    ``torch.use_deterministic_algorithms(True)`` or ``HYBRID_DETERMINISTIC=1`` (the GPU tests set it);
+    ``atomic`` / ``store`` force one way (tests of both paths, A/B runs)."""
+    mode = os.environ.get("HYBRID_SCAN_GROUP_SUM", "auto")
+    if mode not in ("auto", "atomic", "store"):
+        raise ValueError(f"HYBRID_SCAN_GROUP_SUM must be auto, atomic or store, got {mode!r}")
+    if mode != "auto":
+        return mode == "atomic"
+    deterministic = torch.are_deterministic_algorithms_enabled() or os.environ.get("HYBRID_DETERMINISTIC") == "1"
+    return device.type == "cuda" and not deterministic
+
+
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
                           d_v_last: torch.Tensor | None, dx_out: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Gradients of ``mamba3_siso_chunk_fwd`` given what it saved (``ctx``) and the output gradients.
@@ -398,7 +430,11 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     # storage with 16-bit activations halves their traffic; the sum runs in fp32, and its result is rounded to the
     # activation type anyway.
     part = dict(device=dev, dtype=state_dtype(v.dtype))
-    dqh, dkh = torch.empty(Bsz, T, H, N, **part), torch.empty(Bsz, T, H, N, **part)
+    group_sum = group_sums_by_atomics(dev)
+    if group_sum:  # summed over each group's heads by the kernels, in fp32 (see _qk_grad_out)
+        dqh, dkh = torch.zeros(Bsz, T, G, N, **f32), torch.zeros(Bsz, T, G, N, **f32)
+    else:
+        dqh, dkh = torch.empty(Bsz, T, H, N, **part), torch.empty(Bsz, T, H, N, **part)
     # Per-(chunk, head) sums of dq / dk for the bias gradients: far smaller than a second pass over dqh / dkh.
     dqb_part = torch.empty(Bsz, nc, H, N, **f32) if has_qb else dqh
     dkb_part = torch.empty(Bsz, nc, H, N, **f32) if has_kb else dkh
@@ -424,7 +460,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
                                             seq, ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
                                             *dx_strides,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, **flags)
+                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
@@ -435,7 +471,7 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
                                             *dx_strides, HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
                                             dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, **flags)
+                                            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None
@@ -453,18 +489,18 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dkh_last = dkl
 
     dk_bias = _from_eo(dkb_part.sum((0, 1))) if has_kb else None
+    hpg = H // G
     if dkh_last is not None:
-        dkh[:, -1] += _to_eo(dkh_last)
+        dkh[:, -1] += _to_eo(dkh_last).view(Bsz, G, hpg, N).sum(2) if group_sum else _to_eo(dkh_last)
         if has_kb:
             dk_bias = dk_bias + dkh_last.sum(0)
     # The [even | odd] layout is a fixed channel permutation: it commutes with the sums over heads and over
     # (B, T), so sum first and permute only the small results (the per-head tensors are 0.5 GB each at 8 x 4k).
-    hpg = H // G
     grads: dict[str, torch.Tensor | None] = {
         # Summed straight into q's / k's type (the reduction accumulates in fp32 and rounds once, as the cast to
         # that type did after it), so with 16-bit inputs the permutation moves 16-bit values.
-        "q": _from_eo(dqh.view(Bsz, T, G, hpg, N).sum(3, dtype=q.dtype)),
-        "k": _from_eo(dkh.view(Bsz, T, G, hpg, N).sum(3, dtype=k.dtype)),
+        "q": _from_eo(dqh.to(q.dtype) if group_sum else dqh.view(Bsz, T, G, hpg, N).sum(3, dtype=q.dtype)),
+        "k": _from_eo(dkh.to(k.dtype) if group_sum else dkh.view(Bsz, T, G, hpg, N).sum(3, dtype=k.dtype)),
         "q_bias": _from_eo(dqb_part.sum((0, 1))) if has_qb else None,
         "k_bias": dk_bias,
         "D": dd_part.sum((0, 1)) if has_d else None,
