@@ -232,13 +232,6 @@ def _chunk_program(A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_s
     (B, chunks, H, P, N) state tensors pass 2**31 at long contexts and large batches), the chunk's token
     indices, the document flags of ``_seq_flags`` (placeholders without documents) and the coefficients."""
     c, bh = _chunk_and_head(HEADS_FIRST)
-    return _chunk_program_at(c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
-
-
-@triton.jit
-def _chunk_program_at(c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C: tl.constexpr,
-                      HAS_SEQ: tl.constexpr):
-    """``_chunk_program`` for a given chunk and b * H + h (int64)."""
     b, h = bh // H, bh % H
     g = h // heads_per_group
     t = c * C + tl.arange(0, C)
@@ -298,65 +291,6 @@ def _chunk_state_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, LOCAL, CS_LAST
     if HAS_SEQ:
         cs_last = tl.where(through, cs_last, float("-inf"))  # a document starts here: the entering state stops
     tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
-
-
-@triton.jit
-def _chunk_state_chained_fwd(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, CARRY, FLAGS, G_IN, CS_LAST, G_FINAL,
-                             T, H, S, nc, heads_per_group,
-                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
-                             C: tl.constexpr, N2: tl.constexpr, P: tl.constexpr, HAS_ROT: tl.constexpr,
-                             HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """Chunk states and the state passing in one launch, for sequences of few chunks (``chained_states``): chunk
-    c's program forms its local state, waits until chunk c - 1 of its (sequence, head) has published the state
-    entering c, and publishes the state entering c + 1 = e^{cs_last} G_in[c] + local_c. The local states never
-    reach memory, and the states cross between programs in fp32 through an L2-resident pair of slots per
-    (sequence, head) (CARRY (B*H, 2, P, N): slot c % 2 holds the state entering c; slot 0 starts as G0).
-
-    FLAGS (B*H + 1,) int32, zeroed: [bh] counts the chunks of bh published; [B*H] hands out tickets. A program's
-    chunk and head come from its ticket, chunks first, not from its program id: a program then only waits for
-    one that took an earlier ticket, so has started, whatever order the GPU starts programs in (as in a decoupled
-    look-back scan), and no program waits for one that cannot run. The publishing follows the semaphore pattern
-    (all threads' stores, a CTA barrier, one release; one acquire, a CTA barrier, then the reads)."""
-    BH = tl.num_programs(0) // nc  # grid (nc * B * H,)
-    ticket = tl.atomic_add(FLAGS + BH, 1).to(tl.int64)
-    c, bh = ticket // BH, ticket % BH
-    c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program_at(
-        c, bh, A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ)
-    p = tl.arange(0, P)
-    nb = tl.arange(0, N2)
-    s_xb, s_xt = _row_strides(s_xb8, s_xt8)
-    x = tl.load(X + b * s_xb + t[:, None] * s_xt + h * s_xh + p[None, :], mask=tmask[:, None], other=0.0)
-    cs_last = tl.min(cs, axis=0)  # log_decay <= 0 and padding adds 0: the last token's cumulative decay
-    w_end = tl.where(tmask, tl.exp(cs_last - cs) * scale, 0.0)  # (C,)
-    if HAS_SEQ:
-        w_end = w_end * to_end  # only the document still open at the chunk's end reaches the next chunk
-        cs_last = tl.where(through, cs_last, float("-inf"))  # a document starts here: the entering state stops
-    tl.store(CS_LAST + (b * nc + c) * H + h, cs_last)
-    xt = tl.trans(x).to(X.dtype.element_ty)  # (P, C)
-    kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, b * s_kb + g * s_kg, s_kt, b, c, h, nc, H, S,
-                            s_ob, s_ot, seq, enter, 2 * N2, HAS_KB, HAS_ROT, ANGLE_DT, HAS_SEQ)
-    localE = tl.dot(xt, (kE * w_end[:, None]).to(X.dtype.element_ty))  # (P, N2)
-    localO = tl.dot(xt, (kO * w_end[:, None]).to(X.dtype.element_ty))
-
-    cols = p[:, None] * 2 * N2 + nb[None, :]
-    while tl.atomic_add(FLAGS + bh, 0, sem="acquire") < c:  # chunk c - 1 has not published yet
-        pass
-    slot = CARRY + bh * 2 * P * 2 * N2
-    g_enter = slot + (c % 2) * P * 2 * N2
-    gE, gO = tl.load(g_enter + cols), tl.load(g_enter + N2 + cols)
-    decay = tl.exp(cs_last)
-    if c + 1 < nc:
-        g_next = slot + ((c + 1) % 2) * P * 2 * N2  # the slot chunk c - 1 read from: it has published, so is done with it
-        tl.store(g_next + cols, decay * gE + localE)
-        tl.store(g_next + N2 + cols, decay * gO + localO)
-        tl.debug_barrier()
-        tl.atomic_xchg(FLAGS + bh, c + 1, sem="release")
-    else:
-        tl.store(G_FINAL + bh * P * 2 * N2 + cols, decay * gE + localE)
-        tl.store(G_FINAL + bh * P * 2 * N2 + N2 + cols, decay * gO + localO)
-    base = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    tl.store(base + cols, gE.to(G_IN.dtype.element_ty))
-    tl.store(base + N2 + cols, gO.to(G_IN.dtype.element_ty))
 
 
 @triton.jit
@@ -541,27 +475,6 @@ def kernel_flags(chunk_size: int, d_state: int, headdim: int, n_angles: int, ang
     nb = min(COL_BLOCK, n2)
     return dict(C=chunk_size, N2=n2, NB=nb, P=headdim, ROT_BLOCKS=-(-n_angles // nb), ANGLE_DT=angle_dt, HAS_SEQ=has_seq,
                 HEADS_FIRST=n_chunks > HEADS_FIRST_CHUNKS)
-
-
-# Chunk states and state passing in one launch (``_chunk_state_chained_fwd``) up to this many chunks per sequence:
-# its programs wait on each other chunk by chunk, so a long sequence is a long serial chain.
-CHAIN_MAX_CHUNKS = 128
-# 8 warps: ~108 registers a thread, two programs an SM (sm_90, offline compile); 4 warps take ~200.
-# ``HYBRID_SCAN_CHAIN_WARPS`` overrides it (A/B runs).
-CHAIN_WARPS = int(os.environ.get("HYBRID_SCAN_CHAIN_WARPS", "8"))
-
-
-def chained_states(n_chunks: int, n_scans: int, device: torch.device) -> bool:
-    """Whether the forward forms chunk states and passes them in one launch (``_chunk_state_chained_fwd``) rather
-    than two (``_chunk_state_fwd``, then ``state_passing_fwd``). ``HYBRID_SCAN_CHAIN``: ``auto`` (default) chains
-    sequences of at most CHAIN_MAX_CHUNKS chunks on a GPU; ``on`` / ``off`` force one way (tests, A/B runs). The
-    interpreter runs programs one at a time in ticket order, so the chained kernel is tested there too."""
-    mode = os.environ.get("HYBRID_SCAN_CHAIN", "auto")
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"HYBRID_SCAN_CHAIN must be auto, on or off, got {mode!r}")
-    if mode != "auto":
-        return mode == "on"
-    return device.type == "cuda" and n_chunks <= CHAIN_MAX_CHUNKS and n_scans > 0
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -758,36 +671,21 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     qb = _to_eo(q_bias).contiguous() if q_bias is not None else q
     kb = _to_eo(k_bias).contiguous() if k_bias is not None else k
 
+    local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     cs_last = torch.empty(Bsz, nc, H, device=dev, dtype=torch.float32)
     y = torch.empty(v.shape, device=dev, dtype=v.dtype)  # contiguous: dy arrives so (autograd, or .contiguous())
     strides = scan_strides(q, v, y, dt, om, seq)
     flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
-    chained = chained_states(nc, Bsz * H, dev)
+    _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
+                                          T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 
     # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
-    if chained:  # G_{-1} goes in slot 0 of the carry (see _chunk_state_chained_fwd)
-        carry = torch.empty(Bsz, H, 2, P, N, device=dev, dtype=torch.float32)
-        g0 = carry[:, :, 0]
-        g0.zero_()
-    else:
-        g0 = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
+    g0 = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if initial_state is not None:
         beta0 = (dt[:, 0] * (1 - lam[:, 0])).float()  # (B, H)
         prev = initial_state.v.float()[..., :, None] * initial_state.k[:, 0].float()[..., None, :]  # (B, H, P, N)
-        g0.copy_(_to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev))
-    if chained:
-        g_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-        g_final = torch.empty(Bsz, H, P, N, device=dev, dtype=torch.float32)
-        sems = torch.zeros(Bsz * H + 1, device=dev, dtype=torch.int32)
-        direct(_chunk_state_chained_fwd)[(nc * Bsz * H,)](
-            k, v, log_decay, dt, lam, om, kb, theta_off, seq, carry, sems, g_in, cs_last, g_final, T, H, S, nc, H // G,
-            *strides, C=C, N2=N // 2, P=P, HAS_ROT=S > 0, HAS_KB=k_bias is not None, ANGLE_DT=angle_dt,
-            HAS_SEQ=seq_idx is not None, num_warps=CHAIN_WARPS, num_stages=1)
-    else:
-        local = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-        _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
-                                              T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
-        g_in, g_final = state_passing_fwd(local, cs_last, g0)  # g_in in the chunk states' storage type; adds in fp32
+        g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
+    g_in, g_final = state_passing_fwd(local, cs_last, g0)  # g_in in the chunk states' storage type; adds in fp32
 
     _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
                                          seq, g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
