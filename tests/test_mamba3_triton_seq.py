@@ -77,18 +77,6 @@ def test_seq_idx_matches_reference(case):
     assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("knob", ["DX_IN_DK", "DCSL_IN_DX"])
-def test_seq_idx_backward_kernel_splits(monkeypatch, knob):
-    """The other splits of the backward's work (see test_mamba3_triton.py) with documents that start inside
-    chunks, at chunk starts and run through chunks."""
-    from hybrid.kernels.mamba3 import triton_siso_bwd
-
-    monkeypatch.setattr(triton_siso_bwd, knob, True)
-    (y, state, got), (y_ref, state_ref, want), labels = _run_both(dict(T=40), seq_from(LAYOUTS["through-and-single"]))
-    errors = {name: _rel(a, b) for name, a, b in zip(labels, got, want)}
-    assert len(errors) == len(got) and all(e < 2e-4 for e in errors.values()), errors
-
-
 @pytest.mark.parametrize("heads_first", [False, True])
 def test_seq_idx_several_column_blocks(monkeypatch, heads_first):
     """Packed documents with two column blocks of 8 pairs, the second partly rotated (12 angles); programs

@@ -187,16 +187,14 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
 
 
 @triton.jit
-def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX, G_IN, CS_LAST, DCSL,
+def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
-                       HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                       HAS_DCSL: tl.constexpr):
+                       HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr):
     """Local-state term of dx for chunk c, added in place to what ``_chunk_scan_bwd_dq`` stored there:
     dx_i += e_i k_i dL^T, dL the gradient of the chunk's local state. Only k is rotated here, and no (C, C)
-    tile is formed. With HAS_DCSL also d cs_last = e^{cs_last} sum(dL * G_in) from the same dL blocks (so the state
-    passing need not read G_in)."""
+    tile is formed."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -204,22 +202,12 @@ def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX, G_I
     dtype = DLOCAL.dtype.element_ty
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
     kdl = tl.zeros((C, P), dtype=tl.float32)  # k_i dL^T
-    gbase = G_IN + ((b * nc + c) * H + h) * P * 2 * N2
-    dlg = tl.zeros((P, NB), dtype=tl.float32)  # dL * G_in, with HAS_DCSL
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         kE, kO = _rotated_pairs(K, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H, S, s_ob, s_ot,
                                 seq, enter, 2 * N2, HAS_KB, j < ROT_BLOCKS, ANGLE_DT, HAS_SEQ)
-        dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :])  # (P, NB)
-        dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :])
-        kdl += tl.dot(kE.to(dtype), tl.trans(dLE))
-        kdl += tl.dot(kO.to(dtype), tl.trans(dLO))
-        if HAS_DCSL:
-            dlg += dLE.to(tl.float32) * tl.load(gbase + p[:, None] * 2 * N2 + nb[None, :]).to(tl.float32)
-            dlg += dLO.to(tl.float32) * tl.load(gbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(tl.float32)
-    if HAS_DCSL:
-        ci = (b * nc + c) * H + h
-        tl.store(DCSL + ci, tl.sum(tl.sum(dlg, axis=1), axis=0) * tl.exp(tl.load(CS_LAST + ci)))
+        kdl += tl.dot(kE.to(dtype), tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :])))
+        kdl += tl.dot(kO.to(dtype), tl.trans(tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :])))
     # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
     e = tl.where(tmask, tl.exp(tl.min(cs, axis=0) - cs), 0.0) * scale
     if HAS_SEQ:
@@ -232,16 +220,15 @@ def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX, G_I
 
 @triton.jit
 def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
-                       DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT, DX,
+                       DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
                        T, H, S, nc, heads_per_group,
-                       s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
+                       s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr, DX_LOCAL: tl.constexpr):
+                       HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr):
     """Key side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), the local-state terms,
     d log-decay (reverse cumulative sum of everything d cs), d scale, and d angle (completed and reverse-summed).
-    Runs after ``_chunk_scan_bwd_dq``, whose d cs, d scale and d angle it completes in place. With DX_LOCAL it also
-    adds dx's local-state term (what ``_chunk_scan_bwd_dx`` does, from the same rotated k and dL blocks)."""
+    Runs after ``_chunk_scan_bwd_dq``, whose d cs, d scale and d angle it completes in place."""
     c, b, h, g, t, tmask, seq, enter, to_end, through, cs, scale, gamma, dt = _chunk_program(
         A, DT, LAM, SEQ, T, H, heads_per_group, s_ab, s_at, s_ah, s_sb, C, HAS_SEQ, HEADS_FIRST)
     p = tl.arange(0, P)
@@ -263,19 +250,13 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     m_loc = tl.zeros((C,), dtype=tl.float32)  # d scale_i from the local state, over all channel blocks
     lbase = DLOCAL + ((b * nc + c) * H + h) * P * 2 * N2
     part = DKB_PART + ((b * nc + c) * H + h) * 2 * N2
-    kdl = tl.zeros((C, P), dtype=tl.float32)  # k_i dL^T, with DX_LOCAL
     for j in tl.static_range(N2 // NB):
         nb = j * NB + tl.arange(0, NB)
         qE, qO, kE, kO, cos, sin = _qk_pairs(Q, K, QB, KB, OMEGA, THETA_OFF, dt, t, tmask, nb, base, s_kt, b, c, h, nc, H,
                                              S, s_ob, s_ot, seq, enter, 2 * N2, HAS_QB, HAS_KB, j < ROT_BLOCKS, ANGLE_DT,
                                              HAS_SEQ)
-        dLE = tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype)  # (P, NB)
-        dLO = tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype)
-        xdLE = tl.dot(x, dLE)  # (C, NB)
-        xdLO = tl.dot(x, dLO)
-        if DX_LOCAL:
-            kdl += tl.dot(kE.to(dtype), tl.trans(dLE))
-            kdl += tl.dot(kO.to(dtype), tl.trans(dLO))
+        xdLE = tl.dot(x, tl.load(lbase + p[:, None] * 2 * N2 + nb[None, :]).to(dtype))  # (C, NB)
+        xdLO = tl.dot(x, tl.load(lbase + p[:, None] * 2 * N2 + N2 + nb[None, :]).to(dtype))
         m_loc += (tl.sum(xdLE * kE, axis=1) + tl.sum(xdLO * kO, axis=1)) * to_end_w
         dkE = tl.dot(a1t, qE.to(dtype)) + e[:, None] * xdLE
         dkO = tl.dot(a1t, qO.to(dtype)) + e[:, None] * xdLO
@@ -299,11 +280,6 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     dcs += tl.where(i == C - 1, dcs_last, 0.0)  # cs_last is cs at the chunk's end (padding adds no decay)
     tl.store(DA + coef, tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs, mask=tmask)  # cs = cumsum(a)
     tl.store(DSCALE + coef, tl.load(DSCALE + coef, mask=tmask, other=0.0) + m_loc, mask=tmask)
-    if DX_LOCAL:
-        s_db, s_dt = _row_strides(s_db8, s_dt8)
-        dx_off = b * s_db + t[:, None] * s_dt + head_p
-        dx = tl.load(DX + dx_off, mask=tmask[:, None], other=0.0).to(tl.float32) + e[:, None] * kdl
-        tl.store(DX + dx_off, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
 
 
 # With GROUP_SUM dq / dk add into a zeroed buffer: the tuner restores it between its trial runs.
@@ -311,13 +287,9 @@ _chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, restore=("DQH",), key=(*SIS
 # dk compiles without wgmma: Triton 3.6's wgmma path faulted on dk and the old dx (which formed a (C, C) tile) with
 # several column blocks (illegal addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block
 # (exact) they ran 50% slower. The local-state-only dx has no (C, C) tile and runs exact on wgmma, 2-5% faster.
-_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=(*SISO_KEY, "HAS_DCSL"))
-_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA", "DKH", "DX"),
-                                 key=(*SISO_KEY, "GROUP_SUM", "DX_LOCAL"), mma_sync=True)
-# dx's local-state term in dk (DX_LOCAL) instead of its own launch: HYBRID_SCAN_DX_IN_DK=1 (an A/B knob).
-DX_IN_DK = os.environ.get("HYBRID_SCAN_DX_IN_DK", "0") == "1"
-# d cs_last taken in dx (HAS_DCSL) so that the state passing's backward does not read G_in: HYBRID_SCAN_DCSL_IN_DX=1.
-DCSL_IN_DX = os.environ.get("HYBRID_SCAN_DCSL_IN_DX", "0") == "1"
+_chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY)
+_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA", "DKH"), key=(*SISO_KEY, "GROUP_SUM"),
+                                 mma_sync=True)
 
 @triton.jit
 def _coef_grads(DSCALE, DGAMMA, DT, LAM, SEQ, DINC, LATER, OM, D_DT, D_LAM, D_OMEGA,
@@ -493,19 +465,13 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
         dg_final = _to_eo(d_ssm.float()).contiguous()
-    dx_in_dk = DX_IN_DK
-    dcsl_in_dx = DCSL_IN_DX and not dx_in_dk
-    dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final, with_dcsl=not dcsl_in_dx)
-    if dcsl_in_dx:
-        dcsl = torch.empty(Bsz, nc, H, **f32)
-    if not dx_in_dk:
-        _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx,
-                                                ctx["g_in"], ctx["cs_last"], dcsl, *common, *dx_strides, HAS_KB=has_kb,
-                                                HAS_DCSL=dcsl_in_dx, **flags)
+    dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
+
+    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
+                                            *dx_strides, HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
-                                            dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, dx, *common,
-                                            *dx_strides, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum,
-                                            DX_LOCAL=dx_in_dk, **flags)
+                                            dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None

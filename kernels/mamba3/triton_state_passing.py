@@ -98,7 +98,7 @@ def _state_passing_fwd_k(LOCAL, CS_LAST, G0, G_IN, G_FINAL, H, nc, PN, K: tl.con
 
 @triton.jit
 def _state_passing_bwd_k(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0, H, nc, PN, nblk,
-                         K: tl.constexpr, BLOCK: tl.constexpr, HAS_DCSL: tl.constexpr):
+                         K: tl.constexpr, BLOCK: tl.constexpr):
     bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs = blk * BLOCK + tl.arange(0, BLOCK)
@@ -107,32 +107,26 @@ def _state_passing_bwd_k(DG_IN, G_IN, CS_LAST, DG_FINAL, DLOCAL, DCSL_PART, DG0,
     ds = tl.load(DG_FINAL + bh * PN + offs, mask=m, other=0.0)  # (BLOCK,) fp32 carry: dG of the chunk above the tile
     last = (b * nc + nc - 1) * H + h
     tl.store(DLOCAL + last * PN + offs, ds.to(DLOCAL.dtype.element_ty), mask=m)  # dlocal[nc - 1] = dG_final
-    if HAS_DCSL:
-        g = tl.load(G_IN + last * PN + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(DCSL_PART + last * nblk + blk, tl.sum(ds * g, axis=0) * tl.exp(tl.load(CS_LAST + last)))
+    g = tl.load(G_IN + last * PN + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(DCSL_PART + last * nblk + blk, tl.sum(ds * g, axis=0) * tl.exp(tl.load(CS_LAST + last)))
     c = nc - 1 - rows  # (K,) descending chunks: the reverse scan is a forward scan of the tile
     idx = (b * nc + c) * H + h
     # Row k yields dG_{c-1}: it goes to chunk c - 1, with that chunk's G_in and decay (the rows idx - H).
     cs, x = _load_rows(DG_IN, CS_LAST, idx, c >= 0, offs, m, PN)
-    if HAS_DCSL:
-        cs_prev, g_prev = _load_rows(G_IN, CS_LAST, idx - H, c >= 1, offs, m, PN)
+    cs_prev, g_prev = _load_rows(G_IN, CS_LAST, idx - H, c >= 1, offs, m, PN)
     for i0 in range(0, nc, K):
         c = nc - 1 - i0 - rows
         # The next tile's loads go out before this tile's scan, as in the forward.
         cs_next, x_next = _load_rows(DG_IN, CS_LAST, idx - K * H, c >= K, offs, m, PN)
-        if HAS_DCSL:
-            cs_prev_next, g_prev_next = _load_rows(G_IN, CS_LAST, idx - (K + 1) * H, c >= K + 1, offs, m, PN)
+        cs_prev_next, g_prev_next = _load_rows(G_IN, CS_LAST, idx - (K + 1) * H, c >= K + 1, offs, m, PN)
         A, B = _compose(cs, x)
         dsc = A * ds[None, :] + B  # (K, BLOCK): dG_{c-1}
         prev = c >= 1
         tl.store(DLOCAL + (idx - H)[:, None] * PN + offs[None, :], dsc.to(DLOCAL.dtype.element_ty),
                  mask=prev[:, None] & m[None, :])
-        if HAS_DCSL:
-            tl.store(DCSL_PART + (idx - H) * nblk + blk, tl.sum(dsc * g_prev.to(tl.float32), axis=1) * tl.exp(cs_prev),
-                     mask=prev)
-            cs_prev, g_prev = cs_prev_next, g_prev_next
+        tl.store(DCSL_PART + (idx - H) * nblk + blk, tl.sum(dsc * g_prev.to(tl.float32), axis=1) * tl.exp(cs_prev), mask=prev)
         ds = _last_row(dsc, rows, K)
-        idx, cs, x = idx - K * H, cs_next, x_next
+        idx, cs, x, cs_prev, g_prev = idx - K * H, cs_next, x_next, cs_prev_next, g_prev_next
     tl.store(DG0 + bh * PN + offs, ds, mask=m)
 
 
@@ -167,12 +161,10 @@ def state_passing_fwd(local: torch.Tensor, cs_last: torch.Tensor, g0: torch.Tens
 
 
 def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Tensor, dg_final: torch.Tensor,
-                      block: int | None = None, with_dcsl: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                      block: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``state_passing_fwd`` (with dg_in the gradient of its g_in, g_in its output).
 
     Returns dlocal like dg_in, dcsl (B, nc, H) fp32 (d cs_last) and dg0 like dg_final (B, H, *state) fp32.
-    Without ``with_dcsl`` g_in is not read and dcsl is None: d cs_last[c] = e^{cs_last[c]} sum(dlocal[c] * g_in[c])
-    is then the caller's to take (the dx kernel does, from tiles it loads anyway).
     """
     Bsz, nc, H = dg_in.shape[:3]
     dg_in, g_in, cs_last, dg_final = dg_in.contiguous(), g_in.contiguous(), cs_last.contiguous(), dg_final.contiguous()
@@ -180,7 +172,7 @@ def state_passing_bwd(dg_in: torch.Tensor, g_in: torch.Tensor, cs_last: torch.Te
     BLOCK, warps = launch_config(Bsz * H, PN, dg_in.element_size(), block)
     nblk = triton.cdiv(PN, BLOCK)
     dlocal, dg0 = torch.empty_like(dg_in), torch.empty_like(dg_final)
-    dcsl_part = torch.empty(Bsz, nc, H, nblk if with_dcsl else 1, device=dg_in.device, dtype=torch.float32)  # per block
+    dcsl_part = torch.empty(Bsz, nc, H, nblk, device=dg_in.device, dtype=torch.float32)  # per channel block
     direct(_state_passing_bwd_k)[(Bsz * H, nblk)](dg_in, g_in, cs_last, dg_final, dlocal, dcsl_part, dg0, H, nc, PN, nblk,
-                                                  K=K_BWD, BLOCK=BLOCK, HAS_DCSL=with_dcsl, num_warps=warps)
-    return dlocal, dcsl_part.sum(-1) if with_dcsl else None, dg0
+                                                  K=K_BWD, BLOCK=BLOCK, num_warps=warps)
+    return dlocal, dcsl_part.sum(-1), dg0
