@@ -34,6 +34,7 @@ def test_report_has_every_pattern_length_and_fit(report):
     for p in report["patterns"]:
         assert [(r["context"], r["batch"]) for r in p["train"]] == [(32, 4), (64, 2)]  # train_tokens 128 per step
         assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in p["train"])  # no MFU on the CPU
+        assert all(r["seconds_per_step_synced"] > 0 for r in p["train"])
         assert [r["length"] for r in p["prefill"]] == [16, 32, 48, 64]
         assert all(r["seconds"] > 0 and r["peak_bytes"] > 0 for r in p["prefill"])
         assert set(p["decode"]) == {"1", "4"}
@@ -167,3 +168,26 @@ def test_backends_name_every_mixer_kind():
     assert measure.backends(model, torch.device("cpu")) == {
         "Mamba3": "torch scan, torch decode step", "BlockTopk": "auto (sdpa)",
         "Attention": "auto (sdpa/flex), decode: torch matmuls"}
+
+
+@pytest.mark.gpu
+def test_gpu_pipelined_timing_counts_gpu_time_not_the_host_ramp():
+    """A call whose GPU work (a fixed sleep kernel) outlasts its host work times the same back to back as after a sync;
+    one that launches many tiny kernels pays its host ramp only after a sync."""
+    from hybrid.bench.timing import median_seconds, pipelined_median_seconds
+
+    dev = torch.device("cuda")
+    x = torch.zeros(1, device=dev)
+
+    def gpu_bound():
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU
+
+    def host_heavy_start():
+        for _ in range(200):  # the host issues these slower than the GPU runs them ...
+            x.add_(1)
+        torch.cuda._sleep(20_000_000)  # ... then hands the GPU a long kernel that hides the next call's issue
+
+    for fn in (gpu_bound, host_heavy_start):
+        piped, synced = pipelined_median_seconds(fn, dev, 2, 5), median_seconds(fn, dev, 2, 5)
+        assert piped <= synced * 1.05, fn.__name__
+    assert pipelined_median_seconds(host_heavy_start, dev, 2, 5) < median_seconds(host_heavy_start, dev, 2, 5)

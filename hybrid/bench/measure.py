@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from hybrid.bench.timing import median_seconds, peak_bytes
+from hybrid.bench.timing import median_seconds, peak_bytes, pipelined_median_seconds
 from hybrid.decode_graph import GraphDecoder, cache_tensors, compile_mode, unsupported_mixers
 from hybrid.model import HybridLM
 
@@ -40,6 +40,10 @@ def train_throughput(model: HybridLM, batch: int, context: int, device: torch.de
                      peak_tflops: float) -> dict:
     """Tokens/s of forward + backward (no optimizer step) and MFU; bf16 autocast on CUDA, fp32 on the CPU.
 
+    Steps are timed back to back (``pipelined_median_seconds``), as training runs them: that is the throughput.
+    ``seconds_per_step_synced`` is one step after a sync (an idle queue), which also counts the host's ramp at the
+    step's start; a model whose forward issues many small launches pays that there on a slow host.
+
     FLOPs per step = 6 * params * tokens + 12 * n_attn_layers * d_model * T * tokens (the attention
     scores and weighted sum, forward and backward). Sliding-window and routed attention do less; the
     formula still counts them as dense, so their MFU is an upper bound.
@@ -59,13 +63,14 @@ def train_throughput(model: HybridLM, batch: int, context: int, device: torch.de
                 loss = loss + aux
         loss.backward()
 
-    seconds = median_seconds(step, device, warmup, repeats)
+    seconds = pipelined_median_seconds(step, device, warmup, repeats)
+    synced = median_seconds(step, device, 0, repeats)  # already warm
     model.zero_grad(set_to_none=True)
     n_tokens = batch * context
     flops = 6 * model.num_params() * n_tokens + 12 * model.pattern.n_attention_layers * model.cfg.d_model * context * n_tokens
     mfu = flops / seconds / (peak_tflops * 1e12) if device.type == "cuda" else None
     return {"batch": batch, "context": context, "seconds_per_step": seconds, "tokens_per_s": n_tokens / seconds,
-            "flops_per_step": flops, "mfu": mfu}
+            "seconds_per_step_synced": synced, "flops_per_step": flops, "mfu": mfu}
 
 
 @torch.no_grad()

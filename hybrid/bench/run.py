@@ -108,7 +108,8 @@ def run_bench(bc: BenchConfig) -> dict:
         "dtype": {"train": "bf16 autocast" if device.type == "cuda" else "fp32",
                   "inference": "bf16" if device.type == "cuda" else "fp32"},
         "timing": f"median of {bc.repeats} after {bc.warmup} warm-up ({'CUDA events' if device.type == 'cuda' else 'perf_counter'})"
-                  f"; decode: median of {bc.decode_tokens} single-token steps",
+                  f"; training steps back to back (seconds_per_step_synced: after a sync each); prefill after a sync"
+                  f" each; decode: median of {bc.decode_tokens} single-token steps",
         "lengths": bc.lengths,
         "config": dataclasses.asdict(bc),
         "patterns": [],

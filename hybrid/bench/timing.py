@@ -58,6 +58,28 @@ def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, rep
     return statistics.median(times)
 
 
+def pipelined_median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median time per call of ``fn()`` issued back to back, as a training loop issues its steps: the host queues
+    call i + 1 while the GPU still runs call i, so a call costs the GPU's time on it plus whatever idle time is left
+    when the host falls behind in that steady state, not the ramp from an idle queue that a call after a sync pays
+    (``median_seconds``, the latency of one call). CUDA events between consecutive calls, one sync at the end,
+    after one untimed call so that the first timed one is already queued behind work. The CPU runs calls in order
+    anyway: there it is ``median_seconds``."""
+    if device.type != "cuda":
+        return median_seconds(fn, device, warmup, repeats)
+    for _ in range(warmup):
+        fn()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+    sync(device)
+    fn()
+    events[0].record()
+    for i in range(repeats):
+        fn()
+        events[i + 1].record()
+    events[-1].synchronize()
+    return statistics.median(a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:]))  # ms -> s
+
+
 class _LiveBytes(TorchDispatchMode):
     """CPU stand-in for ``torch.cuda.max_memory_allocated``: peak bytes of tensor storages created by ATen ops.
 
