@@ -19,17 +19,11 @@ compute; the layer checks ``unsupported_reason`` and otherwise takes the compose
 
 from __future__ import annotations
 
-import os
-
 import torch
 from hybrid.kernels.mamba3.triton_gate import gate_backward, gate_forward
 from hybrid.kernels.mamba3.triton_siso import chunk_forward, rows_fit
 from hybrid.kernels.mamba3.triton_siso_bwd import mamba3_siso_chunk_bwd
 from hybrid.kernels.mamba3.triton_ssm_inputs import ssm_inputs_backward, ssm_inputs_forward
-
-# The gate's backward inside the scan's dq / dk kernels (``mamba3_siso_chunk_bwd(gate=...)``) instead of its own
-# launch; HYBRID_MIXER_GATE_IN_SCAN=0 restores the launch (A/B).
-GATE_IN_SCAN = os.environ.get("HYBRID_MIXER_GATE_IN_SCAN", "1") == "1"
 
 
 class _SisoMixer(torch.autograd.Function):
@@ -71,15 +65,10 @@ class _SisoMixer(torch.autograd.Function):
         z, _, Bm, Cm, u_dt, u_A, u_lam, u_th = proj.split(split, dim=-1)
         d_proj = torch.empty_like(proj)
         dz, dx, dBm, dCm, du_dt, du_A, du_lam, du_th = d_proj.split(split, dim=-1)
+        dy = gate_backward(dout, y, z, dz)  # dz written into d_proj
         dx = dx.unflatten(-1, (H, P))
         in_place = rows_fit(dx)  # false for an in_proj width that is not a multiple of ROW_ALIGN
-        heads = (H, P)
-        if in_place and GATE_IN_SCAN:  # the scan's dq / dk kernels take dy from dout and write dz (no gate launch)
-            gate = (z.unflatten(-1, heads), y.unflatten(-1, heads), dz.unflatten(-1, heads))
-            g = mamba3_siso_chunk_bwd(saved, dout.contiguous().unflatten(-1, heads), None, None, None, dx_out=dx, gate=gate)
-        else:
-            dy = gate_backward(dout, y, z, dz)  # dz written into d_proj
-            g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None, dx_out=dx if in_place else None)
+        g = mamba3_siso_chunk_bwd(saved, dy.view(Bsz, T, H, P), None, None, None, dx_out=dx if in_place else None)
         if not in_place:
             dx.copy_(g["v"])
         grads = (g["k"].unsqueeze(2), g["q"].unsqueeze(2), g["dt"], g["log_decay"],

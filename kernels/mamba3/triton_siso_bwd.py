@@ -92,26 +92,6 @@ def _intra_weights_t(cs, scale, gamma, seq, C: tl.constexpr, HAS_SEQ: tl.constex
 
 
 @triton.jit
-def _gated_dy(DY, Z, YPRE, DZ, b, t, tmask, head_p, s_xb, s_xt, s_yb, s_yt, s_db, s_dt, dtype: tl.constexpr,
-              GATED: tl.constexpr, WRITE_DZ: tl.constexpr):
-    """A chunk's (C, P) dy in the matmul type. With GATED, DY holds d out of out = y * silu(z) (the mixer's gate,
-    ``triton_gate.py``): dy = dout silu(z) is taken here from dout and z (z laid out as x), and with WRITE_DZ also
-    dz = dout y silu'(z) (y the scan output, laid out as dout; dz as dx), so the gate's backward needs no launch."""
-    rows = tmask[:, None]
-    dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=rows, other=0.0)
-    if GATED:
-        dout = dy.to(tl.float32)
-        z = tl.load(Z + b * s_xb + t[:, None] * s_xt + head_p, mask=rows, other=0.0).to(tl.float32)
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        dy = dout * z * sig
-        if WRITE_DZ:
-            y = tl.load(YPRE + b * s_yb + t[:, None] * s_yt + head_p, mask=rows, other=0.0).to(tl.float32)
-            dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(DZ + b * s_db + t[:, None] * s_dt + head_p, dz.to(DZ.dtype.element_ty), mask=rows)
-    return dy.to(dtype)
-
-
-@triton.jit
 def _qk_grad_out(PTR, dE, dO, b, t, tmask, h, g, T, H, heads_per_group, nb, N2: tl.constexpr, GROUP_SUM: tl.constexpr):
     """A column block of a head's dq or dk (C, NB) each half, stored per head (B, T, H, N) for the glue to sum over
     the group's heads, or with GROUP_SUM added straight into the group's fp32 rows (B, T, G, N) by atomics: the
@@ -128,13 +108,13 @@ def _qk_grad_out(PTR, dE, dO, b, t, tmask, h, g, T, H, heads_per_group, nb, N2: 
 
 
 @triton.jit
-def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY, Z, YPRE, DZ,
+def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_IN, DY,
                        DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb, s_db8, s_dt8,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_D: tl.constexpr, ANGLE_DT: tl.constexpr,
-                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr, GATED: tl.constexpr):
+                       HAS_SEQ: tl.constexpr, HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr):
     """Query side of chunk c: dq (un-rotated, per head, and its sum over the chunk for the bias), the
     decay/scale/gamma terms of the intra and inter parts, the query half of d angle, and what the chunk's outputs
     ask of its entering state, dG_in = sum_j e^{cs_j} dy_j q_j^T (from the same rotated q blocks). Also dx's
@@ -150,8 +130,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     head_p = h * s_xh + p[None, :]
     s_xb, s_xt = _row_strides(s_xb8, s_xt8)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
-    s_db, s_dt = _row_strides(s_db8, s_dt8)
-    dy = _gated_dy(DY, Z, YPRE, DZ, b, t, tmask, head_p, s_xb, s_xt, s_yb, s_yt, s_db, s_dt, dtype, GATED, True)
+    dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
     decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
     dw = scores * dyx
@@ -201,6 +180,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     # Last: a store (DX, DD_PART) before the column loop would keep the compiler from reusing the scores' q / k
     # loads and angles in the loop's first block, as it must assume the store may alias them (dq grew 20%).
     dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j + D dy_i
+    s_db, s_dt = _row_strides(s_db8, s_dt8)
     tl.store(DX + b * s_db + t[:, None] * s_dt + head_p, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
     if HAS_D:
         tl.store(DD_PART + (b * nc + c) * H + h, dd)
@@ -239,13 +219,13 @@ def _chunk_scan_bwd_dx(K, A, DT, LAM, OMEGA, KB, THETA_OFF, SEQ, DLOCAL, DX,
 
 
 @triton.jit
-def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCAL, DCSL, DY, Z,
+def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCAL, DCSL, DY,
                        DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
                        T, H, S, nc, heads_per_group,
                        s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_sb,
                        C: tl.constexpr, N2: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, ROT_BLOCKS: tl.constexpr,
                        HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, ANGLE_DT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr, GATED: tl.constexpr):
+                       HEADS_FIRST: tl.constexpr, GROUP_SUM: tl.constexpr):
     """Key side of chunk c: dk (un-rotated, per head, and its chunk sum for the bias), the local-state terms,
     d log-decay (reverse cumulative sum of everything d cs), d scale, and d angle (completed and reverse-summed).
     Runs after ``_chunk_scan_bwd_dq``, whose d cs, d scale and d angle it completes in place."""
@@ -257,7 +237,7 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
     head_p = h * s_xh + p[None, :]
     s_xb, s_xt = _row_strides(s_xb8, s_xt8)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
-    dy = _gated_dy(DY, Z, Z, Z, b, t, tmask, head_p, s_xb, s_xt, s_yb, s_yt, 0, 0, dtype, GATED, False)  # dz: dq's
+    dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
     w_t = _intra_weights_t(cs, scale, gamma, seq, C, HAS_SEQ)
     a1t = (tl.dot(x, tl.trans(dy)) * w_t).to(dtype)  # [key i, query j] of (dy_j . x_i) w_ji
 
@@ -303,12 +283,12 @@ def _chunk_scan_bwd_dk(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, SEQ, DLOCA
 
 
 # With GROUP_SUM dq / dk add into a zeroed buffer: the tuner restores it between its trial runs.
-_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, restore=("DQH",), key=(*SISO_KEY, "GROUP_SUM", "GATED"))
+_chunk_scan_bwd_dq_tuned = tuned(_chunk_scan_bwd_dq, restore=("DQH",), key=(*SISO_KEY, "GROUP_SUM"))
 # dk compiles without wgmma: Triton 3.6's wgmma path faulted on dk and the old dx (which formed a (C, C) tile) with
 # several column blocks (illegal addresses, non-finite values: docs/perf-notes.md v7, v8), and with one block
 # (exact) they ran 50% slower. The local-state-only dx has no (C, C) tile and runs exact on wgmma, 2-5% faster.
 _chunk_scan_bwd_dx_tuned = tuned(_chunk_scan_bwd_dx, restore=("DX",), key=SISO_KEY)
-_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA", "DKH"), key=(*SISO_KEY, "GROUP_SUM", "GATED"),
+_chunk_scan_bwd_dk_tuned = tuned(_chunk_scan_bwd_dk, restore=("DSCALE", "DTHETA", "DKH"), key=(*SISO_KEY, "GROUP_SUM"),
                                  mma_sync=True)
 
 @triton.jit
@@ -425,16 +405,13 @@ def group_sums_by_atomics(device: torch.device) -> bool:
 
 
 def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | None, d_k_last: torch.Tensor | None,
-                          d_v_last: torch.Tensor | None, dx_out: torch.Tensor | None = None,
-                          gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor | None]:
+                          d_v_last: torch.Tensor | None, dx_out: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
     """Gradients of ``mamba3_siso_chunk_fwd`` given what it saved (``ctx``) and the output gradients.
 
     Returns a dict with q, k, v, log_decay, dt, lam, omega, q_bias, k_bias, D, ssm0, k0, v0 (None where
     the input was absent). The initial angle gets no gradient (it is a cache value, not a parameter).
     ``dx_out``: where v's gradient goes (B, T, H, P), e.g. the x columns of d(in_proj output); it must ``rows_fit``
     (each token's H * P values contiguous, token rows a multiple of ROW_ALIGN apart). Allocated when None.
-    ``gate`` = (z, y, dz), (B, T, H, P) each: the scan output y went on through out = y * silu(z) and ``dy`` is
-    d out; the kernels take d y from it and write d z into ``dz`` (z laid out as v, y as dy, dz as dx_out).
     """
     q, k, v, a, dt, lam, om = (ctx[n] for n in ("q", "k", "v", "log_decay", "dt", "lam", "om"))
     Bsz, T, G, N = q.shape
@@ -470,13 +447,6 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     else:
         dx = dx_out
     dx_strides = row_strides(dx)
-    if gate is not None:
-        z, y_pre, dz = gate
-        if z.stride() != v.stride() or y_pre.stride() != dy.stride() or dz.stride() != dx.stride():
-            raise ValueError(f"gate: z must be laid out as v {v.stride()}, y as dy {dy.stride()}, dz as dx {dx.stride()}; "
-                             f"got {z.stride()}, {y_pre.stride()}, {dz.stride()}")
-    else:
-        z, y_pre, dz = dy, dy, dx  # never read
     da, dscale, dgamma = (torch.empty(Bsz, T, H, **f32) for _ in range(3))
     # The per-head angle gradient is only summed over heads and angles (coef_grads): 16 bits with 16-bit activations,
     # as the per-head dq / dk.
@@ -487,10 +457,10 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
     _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                            seq, ctx["g_in"], dy, z, y_pre, dz,
+                                            seq, ctx["g_in"], dy,
                                             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
-                                            *dx_strides, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum,
-                                            GATED=gate is not None, **flags)
+                                            *dx_strides,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
@@ -500,9 +470,8 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
                                             *dx_strides, HAS_KB=has_kb, **flags)
     _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
-                                            dcsl, dy, z, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, GATED=gate is not None,
-                                            **flags)
+                                            dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
+                                            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None
