@@ -130,6 +130,7 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     head_p = h * s_xh + p[None, :]
     s_xb, s_xt = _row_strides(s_xb8, s_xt8)
     x = tl.load(X + b * s_xb + t[:, None] * s_xt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
+    s_db, s_dt = _row_strides(s_db8, s_dt8)
     dy = tl.load(DY + b * s_yb + t[:, None] * s_yt + head_p, mask=tmask[:, None], other=0.0).to(dtype)
     dyx = tl.dot(dy, tl.trans(x))  # dy_j . x_i
     decay, w, below, diag = _intra_weights(cs, scale, gamma, seq, C, HAS_SEQ)
@@ -180,7 +181,6 @@ def _chunk_scan_bwd_dq(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, SEQ, G_
     # Last: a store (DX, DD_PART) before the column loop would keep the compiler from reusing the scores' q / k
     # loads and angles in the loop's first block, as it must assume the store may alias them (dq grew 20%).
     dx = tl.dot(tl.trans(sw), dy)  # (C, P) [key i]: sum_j w_ji s_ji dy_j + D dy_i
-    s_db, s_dt = _row_strides(s_db8, s_dt8)
     tl.store(DX + b * s_db + t[:, None] * s_dt + head_p, dx.to(DX.dtype.element_ty), mask=tmask[:, None])
     if HAS_D:
         tl.store(DD_PART + (b * nc + c) * H + h, dd)
