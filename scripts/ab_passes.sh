@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call (~3 min, one H100): dq / dk group sums by atomics (HYBRID_SCAN_GROUP_SUM) against the per-head
-# path, at 8 x 4096 and 2 x 16384, the GPU tests of both paths first (docs/perf-notes.md, seventeenth session; the
-# chained chunk-state variants it also ran then are commit bb61857,
-# the two other splits of the backward commit bd71df7). JSON and logs under ${OUT:-ab-passes}/.
+# path, at 8 x 4096 and 2 x 16384, the GPU tests of both paths first (docs/perf-notes.md, seventeenth session).
+# The variants measured beside them then live in commits bb61857 (chained chunk states) and bd71df7 (two other
+# splits of the backward's work). JSON and logs under ${OUT:-ab-passes}/.
 #   bash scripts/ab_passes.sh [variant ...]     (variants: base atomic; default both)
 set -uo pipefail
 source "$(dirname "$0")/device_setup.sh" ab-passes
