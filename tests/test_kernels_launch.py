@@ -121,4 +121,3 @@ def test_gpu_direct_relaunch_matches_the_jit_and_torch():
         torch.testing.assert_close(out.float(), (y.float() * torch.nn.functional.silu(z.float())), rtol=1e-2, atol=1e-2)
         outs.append(len(wrapped.compiled))
     assert outs == [1, 1, 2]  # the second launch reused the first entry; the misaligned z compiled its own
-
