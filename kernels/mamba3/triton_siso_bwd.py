@@ -389,6 +389,20 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     return d_dt, d_lam, d_omega
 
 
+def dk_in_gluon(v: torch.Tensor, flags: dict) -> bool:
+    """Whether the key-side kernel runs as its Gluon version: asked for by ``HYBRID_SCAN_DK=gluon`` (default
+    ``triton``) and able to run the launch (an H100-class GPU, plain sequences; ``gluon_siso_dk.applies``). Imported
+    only then: Gluon's API follows the device's Triton, and the CPU build never needs it."""
+    mode = os.environ.get("HYBRID_SCAN_DK", "triton")
+    if mode not in ("triton", "gluon"):
+        raise ValueError(f"HYBRID_SCAN_DK must be triton or gluon, got {mode!r}")
+    if mode == "triton" or not v.is_cuda or flags["HAS_SEQ"]:
+        return False
+    from hybrid.kernels.mamba3 import gluon_siso_dk
+
+    return gluon_siso_dk.applies(v, flags)
+
+
 def group_sums_by_atomics(device: torch.device) -> bool:
     """Whether dq / dk are summed over each group's heads by atomics in the kernels (faster; the order of the fp32
     additions varies between runs) or stored per head and summed after (bit-reproducible). ``HYBRID_SCAN_GROUP_SUM``:
@@ -469,9 +483,17 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
 
     _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
                                             *dx_strides, HAS_KB=has_kb, **flags)
-    _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq, dlocal,
-                                            dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, **flags)
+    if dk_in_gluon(v, flags):  # the same kernel written for Hopper (gluon_siso_dk.py): no SEQ on plain sequences
+        from hybrid.kernels.mamba3 import gluon_siso_dk
+
+        gluon_siso_dk.chunk_scan_bwd_dk(
+            (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], dlocal, dcsl, dy, dcs_part,
+            dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common[:-1], flags=flags, n_angles=S if has_rot else 0,
+            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum)
+    else:
+        _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
+                                                dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot,
+                                                *common, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, **flags)
 
     # Final-state key: k_last = rot(k[:, -1] + k_bias, theta_final), per head.
     dkh_last = None

@@ -1,0 +1,264 @@
+"""Gluon (Hopper) version of the SISO scan's key-side backward kernel, ``_chunk_scan_bwd_dk``, for plain sequences.
+
+Same inputs, outputs and math as the Triton kernel in ``triton_siso_bwd.py`` (the formulas are there); that kernel
+stays the reference, the CPU-tested path (Gluon has no interpreter) and the fallback for packed documents.
+
+Why a second implementation: the Triton kernel runs its three products on mma.sync (Triton 3.6's wgmma path
+faulted on it), staging every operand through registers and shared memory, and loads its tiles synchronously in
+its column loop; at 255 registers two programs share an SM and each waits ~7 cycles per instruction
+(``docs/perf-notes.md``, "Eighteenth session"). Here, written against the hardware:
+
+- at the start every input tile (x, dy, the chunk's q / k blocks, the local-state gradient dL) goes to shared memory
+  by cp.async, so the loads overlap the coefficient work and hold no registers;
+- the three products are warpgroup MMAs: x dy^T and x dL read both operands straight from those buffers;
+  a1t = (x dy^T) * w^T stays in registers as the A operand of a1t @ q_rot, whose initial accumulator is the
+  local-state term e * (x dL), so that sum costs nothing;
+- rotated q goes registers -> shared memory once per column block (the MMA's B operand must be in shared memory).
+
+Supports what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by
+dt or not, heads numbered first or not, dk summed over a group's heads by atomics or stored per head. Needs an
+sm_90 GPU and Triton's Gluon (3.6 API).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.extra import libdevice
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.constexpr_function
+def _nvmma(shape, dtype):
+    """Swizzled shared layout a warpgroup MMA reads (and cp.async writes) for a (rows, cols) 16-bit tile."""
+    return gl.NVMMASharedLayout.get_default_for(shape, dtype)
+
+
+@gluon.constexpr_function
+def _tile_layout(cols, num_warps):
+    """Registers of a (rows, cols) 16-bit tile for loading: 16-byte vectors along a row, rows across lanes/warps."""
+    per_row = min(cols // 8, 32)
+    return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _scan_layout(cols, num_warps):
+    """Registers of a (rows, cols) fp32 tile scanned along its rows (angles, angle gradients)."""
+    per_row = min(cols, 32)
+    return gl.BlockedLayout([1, 1], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _cos_sin(theta):
+    """cos and sin from the hardware's approximate units after a two-step reduction to [-pi, pi], as the Triton
+    kernels take them (``triton_siso._cos_sin``)."""
+    turns = libdevice.rint(theta * 0.15915494309189535)
+    r = gl.fma(turns, -6.2831854820251465, theta)
+    r = gl.fma(turns, 1.7484556e-07, r)
+    return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+
+
+@gluon.jit
+def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOCAL, DCSL, DY,
+                             DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
+                             T, H, S, nc, heads_per_group,
+                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                             C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
+                             ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
+                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
+                             num_warps: gl.constexpr):
+    NBLK: gl.constexpr = N2 // NB
+    N: gl.constexpr = 2 * N2
+    dtype: gl.constexpr = X.dtype.element_ty
+    f32: gl.constexpr = gl.float32
+    # One warpgroup: every MMA is M = C rows (64) over four warps.
+    ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
+    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_B, k_width=2)
+    ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
+    COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
+    ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
+    COL_C: gl.constexpr = gl.SliceLayout(0, ACC_C)
+    VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    LD_P: gl.constexpr = _tile_layout(P, num_warps)
+    LD_B: gl.constexpr = _tile_layout(NB, num_warps)
+    SC: gl.constexpr = _scan_layout(NB, num_warps)
+
+    if HEADS_FIRST:
+        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
+        c = pid // gl.num_programs(1)
+        bh = pid % gl.num_programs(1)
+    else:
+        c = gl.program_id(0).to(gl.int64)
+        bh = gl.program_id(1).to(gl.int64)
+    b = bh // H
+    h = bh % H
+    g = h // heads_per_group
+    state = (b * nc + c) * H + h  # row of the (B, nc, H, ...) per-chunk tensors
+
+    # -- every input tile to shared memory, in two groups: (x, dy) first, for the first product.
+    x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    dy_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
+    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
+    tpm = (tp < T)[:, None]
+    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
+                                           mask=tpm)
+    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+    async_copy.commit_group()
+    # Column block i of 2 * NBLK: half i // NBLK (even, odd channels), pairs (i % NBLK) * NB + [0, NB).
+    q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    dl_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
+    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
+    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
+    pb = gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))
+    tbm = (tb < T)[:, None]
+    qk_rows = b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
+    dl_rows = DLOCAL + state * P * N + pb[:, None] * N + nbl[None, :]
+    for i in gl.static_range(2 * NBLK):
+        col = (i // NBLK) * N2 + (i % NBLK) * NB
+        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
+    async_copy.commit_group()
+
+    # -- per-token coefficients while the copies fly (as _chunk_coeffs, plain sequences)
+    tv = c * C + gl.arange(0, C, layout=VEC)
+    tvm = tv < T
+    coef = b * s_ab + tv * s_at + h * s_ah
+    a = gl.load(A + coef, mask=tvm, other=0.0).to(f32)
+    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(f32)
+    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(f32)
+    nmask = (tv + 1) < T
+    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(f32)
+    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(f32)
+    gamma = lam * dt
+    scale = gamma + dtn * (1.0 - lamn)
+    cs = gl.associative_scan(a, 0, _add)
+    cs_last = gl.min(cs, axis=0)
+    to_end_w = gl.where(tvm, gl.exp(cs_last - cs), 0.0)
+
+    # w^T [key i, query j]: e^{cs_j - cs_i} scale_i below the diagonal (j > i), gamma_i on it.
+    cs_i = gl.convert_layout(cs, ROW_C)
+    cs_j = gl.convert_layout(cs, COL_C)
+    ii = gl.arange(0, C, layout=ROW_C)
+    jj = gl.arange(0, C, layout=COL_C)
+    above = ii[:, None] < jj[None, :]
+    w_t = gl.where(above, gl.exp(gl.where(above, cs_j[None, :] - cs_i[:, None], 0.0)), 0.0)
+    w_t = w_t * gl.convert_layout(scale, ROW_C)[:, None]
+    w_t = w_t + gl.where(ii[:, None] == jj[None, :], gl.convert_layout(gamma, ROW_C)[:, None], 0.0)
+
+    async_copy.wait_group(1)
+    gl.thread_barrier()
+    fence_async_shared()
+    xdy = warpgroup_mma(x_s, dy_s.permute((1, 0)), gl.zeros([C, C], f32, ACC_C), use_acc=False)  # [key i, query j]
+    a1t = gl.convert_layout((xdy * w_t).to(dtype), A_OP)
+
+    t = c * C + gl.arange(0, C, layout=ROW_B)
+    tmask = t < T
+    tew_r = gl.convert_layout(to_end_w, ROW_B)
+    e_r = gl.convert_layout(to_end_w * scale, ROW_B)
+    m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
+    qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
+    ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
+    tsm = ts < T
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    for j in gl.static_range(NBLK):
+        nb = j * NB + gl.arange(0, NB, layout=COL_B)
+        qE = q_s.index(j).load(ACC_B).to(f32)
+        qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
+        kE = k_s.index(j).load(ACC_B).to(f32)
+        kO = k_s.index(NBLK + j).load(ACC_B).to(f32)
+        if HAS_QB:
+            qE += gl.load(QB + h * N + nb).to(f32)[None, :]
+            qO += gl.load(QB + h * N + N2 + nb).to(f32)[None, :]
+        if HAS_KB:
+            kE += gl.load(KB + h * N + nb).to(f32)[None, :]
+            kO += gl.load(KB + h * N + N2 + nb).to(f32)[None, :]
+        if j < ROT_BLOCKS:
+            # Cumulative angles of this block's pairs, scanned in a blocked layout, then cos / sin in the MMA's.
+            ns = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, SC))
+            sm = ns < S
+            om = gl.load(OMEGA + b * s_ob + ts[:, None] * s_ot + ns[None, :], mask=tsm[:, None] & sm[None, :],
+                         other=0.0).to(f32)
+            if ANGLE_DT:
+                om = om * gl.convert_layout(dt, gl.SliceLayout(1, SC))[:, None]
+            theta = gl.associative_scan(om, 0, _add) + gl.load(THETA_OFF + state * S + ns, mask=sm, other=0.0)[None, :]
+            cos_s, sin_s = _cos_sin(theta)
+            cos = gl.convert_layout(cos_s, ACC_B)
+            sin = gl.convert_layout(sin_s, ACC_B)
+            qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
+            kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
+        qrot_s.index(0).store(qE.to(dtype))
+        qrot_s.index(1).store(qO.to(dtype))
+        gl.thread_barrier()
+        fence_async_shared()
+        zero = gl.zeros([C, NB], f32, ACC_B)
+        xdLE = warpgroup_mma(x_s, dl_s.index(j), zero, use_acc=False)
+        xdLO = warpgroup_mma(x_s, dl_s.index(NBLK + j), zero, use_acc=False)
+        m_loc += (gl.sum(xdLE * kE, axis=1) + gl.sum(xdLO * kO, axis=1)) * tew_r
+        dkE = warpgroup_mma(a1t, qrot_s.index(0), e_r[:, None] * xdLE)
+        dkO = warpgroup_mma(a1t, qrot_s.index(1), e_r[:, None] * xdLO)
+        if j < ROT_BLOCKS:
+            dth = gl.convert_layout(kE * dkO - kO * dkE, SC)
+            th_off = ((b * T + ts[:, None]) * H + h) * S + ns[None, :]
+            th_mask = tsm[:, None] & sm[None, :]
+            dth += gl.load(DTHETA + th_off, mask=th_mask, other=0.0).to(f32)
+            total = gl.sum(dth, axis=0)
+            rcum = total[None, :] - gl.associative_scan(dth, 0, _add) + dth  # each increment: the angles after it
+            gl.store(DTHETA + th_off, rcum.to(DTHETA.dtype.element_ty), mask=th_mask)
+            gl.store(DTHETA_TOT + state * S + ns, total, mask=sm)
+            dkE, dkO = dkE * cos + dkO * sin, dkO * cos - dkE * sin
+        if GROUP_SUM:
+            off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * N + nb[None, :]
+            gl.atomic_add(DKH + off, dkE, mask=tmask[:, None], sem="relaxed")
+            gl.atomic_add(DKH + off + N2, dkO, mask=tmask[:, None], sem="relaxed")
+        else:
+            off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
+            gl.store(DKH + off, dkE.to(DKH.dtype.element_ty), mask=tmask[:, None])
+            gl.store(DKH + off + N2, dkO.to(DKH.dtype.element_ty), mask=tmask[:, None])
+        if HAS_KB:
+            gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
+            gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
+        gl.thread_barrier()  # the next block overwrites qrot_s
+
+    # d log-decay: reverse cumulative sum of everything d cs (plus d cs_last at the chunk's end); d scale's local part.
+    m_v = gl.convert_layout(m_loc, VEC)
+    dcs = gl.load(DCS_PART + coef, mask=tvm, other=0.0) - m_v * scale
+    dcs_last = gl.sum(m_v * scale, axis=0) + gl.load(DCSL + state)
+    dcs += gl.where(gl.arange(0, C, layout=VEC) == C - 1, dcs_last, 0.0)
+    gl.store(DA + coef, gl.sum(dcs, axis=0) - gl.associative_scan(dcs, 0, _add) + dcs, mask=tvm)
+    gl.store(DSCALE + coef, gl.load(DSCALE + coef, mask=tvm, other=0.0) + m_v, mask=tvm)
+
+
+# Pairs per column block here (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_DK_NB for A/B runs.
+COL_BLOCK = int(os.environ.get("HYBRID_SCAN_DK_NB", "32"))
+
+
+def applies(v: torch.Tensor, flags: dict) -> bool:
+    """Whether this kernel can run the launch: an sm_90 GPU, plain sequences, 16-bit activations, a chunk of 64
+    (one warpgroup's MMA rows), a head size the MMAs take."""
+    return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
+            and v.dtype in (torch.bfloat16, torch.float16) and flags["C"] == 64 and flags["P"] % 16 == 0
+            and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)
+
+
+def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool) -> None:
+    """Launches the kernel on the Triton dk's grid with its arguments less SEQ and SEQ's stride (``args``, as
+    ``mamba3_siso_chunk_bwd`` builds them); its own column block of ``COL_BLOCK`` pairs (at most N / 2)."""
+    nb = min(COL_BLOCK, flags["N2"])
+    _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
+                                   ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                                   ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
+                                   num_warps=4)

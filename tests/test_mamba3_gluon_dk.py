@@ -1,0 +1,71 @@
+"""The Gluon (Hopper) key-side backward kernel (``gluon_siso_dk.py``) against the Triton one it replaces.
+
+Gluon has no interpreter: the comparison runs only on an sm_90 GPU (``gpu`` mark). The Triton kernel is the one
+tested against the float64 reference on the CPU, so matching it at real shapes in bf16 is the check here.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_mamba3_triton import _rel, make  # noqa: E402
+
+NAMES = ["q", "k", "v", "log_decay", "dt", "lam", "omega", "q_bias", "k_bias", "D"]
+CASES = {
+    "rope-half-ragged": dict(B=2, T=1000, G=1, H=8, N=128, P=64, S=32),
+    "gqa-full-rope": dict(B=1, T=333, G=2, H=4, N=64, P=32, S=32),
+    "no-rot-no-bias": dict(B=2, T=130, G=1, H=4, N=128, P=64, S=32, rot=False, bias=False),
+    "fixed-freq": dict(B=1, T=257, G=1, H=4, N=128, P=128, S=16, angle_dt=False),
+}
+
+
+def test_gluon_dk_is_opt_in_and_names_a_bad_value(monkeypatch):
+    from hybrid.kernels.mamba3.triton_siso import kernel_flags
+    from hybrid.kernels.mamba3.triton_siso_bwd import dk_in_gluon
+
+    flags = kernel_flags(64, 128, 64, 32, True)
+    v = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
+    monkeypatch.delenv("HYBRID_SCAN_DK", raising=False)
+    assert not dk_in_gluon(v, flags)
+    monkeypatch.setenv("HYBRID_SCAN_DK", "gluon")
+    assert not dk_in_gluon(v, flags)  # not on the CPU: the Triton kernel runs there
+    monkeypatch.setenv("HYBRID_SCAN_DK", "cuda")
+    with pytest.raises(ValueError, match="triton or gluon"):
+        dk_in_gluon(v, flags)
+
+
+def _grads(monkeypatch, inp, st, kernel: str, angle_dt: bool):
+    from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
+
+    monkeypatch.setenv("HYBRID_SCAN_DK", kernel)
+    leaves = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v).detach().clone().requires_grad_(True)
+              for k, v in inp.items() if v is not None}
+    y, _ = mamba3_siso_chunk(**leaves, angle_dt=angle_dt, initial_state=st, chunk_size=64)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    (y.float() * torch.randn(y.shape, generator=gen, device="cuda")).sum().backward()
+    return {k: leaves[k].grad.float() for k in NAMES if k in leaves and leaves[k].grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("col_block", [16, 32])
+@pytest.mark.parametrize("group_sum", ["store", "atomic"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_gluon_dk_matches_triton_dk(monkeypatch, case, group_sum, col_block):
+    from hybrid.kernels.mamba3 import gluon_siso_dk
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Gluon kernel is written for sm_90")
+    monkeypatch.setattr(gluon_siso_dk, "COL_BLOCK", col_block)
+    monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", group_sum)
+    kw = dict(CASES[case])
+    angle_dt = kw.get("angle_dt", True)
+    inp, st = make(**kw, dtype=torch.float32, device="cuda")
+    got, want = _grads(monkeypatch, inp, st, "gluon", angle_dt), _grads(monkeypatch, inp, st, "triton", angle_dt)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.isfinite(got[name]).all(), name
+        assert _rel(got[name], want[name]) < 1e-2, (name, _rel(got[name], want[name]))
+    if group_sum == "store":  # no atomics: the same bits every run
+        again = _grads(monkeypatch, inp, st, "gluon", angle_dt)
+        assert all(torch.equal(got[n], again[n]) for n in got)
