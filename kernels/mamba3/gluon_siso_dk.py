@@ -10,9 +10,9 @@ its column loop; at 255 registers two programs share an SM and each waits ~7 cyc
 
 - at the start every input tile (x, dy, the chunk's q / k blocks, the local-state gradient dL) goes to shared memory
   by cp.async, so the loads overlap the coefficient work and hold no registers;
-- the three products are warpgroup MMAs: x dy^T and x dL read both operands straight from those buffers;
-  a1t = (x dy^T) * w^T stays in registers as the A operand of a1t @ q_rot, whose initial accumulator is the
-  local-state term e * (x dL), so that sum costs nothing;
+- the three products are warpgroup MMAs reading shared memory: x dy^T and x dL straight from those buffers;
+  a1t = (x dy^T) * w^T is written back once (8 KB) as the A operand of a1t @ q_rot, whose initial accumulator is
+  the local-state term e * (x dL), so that sum costs nothing;
 - rotated q goes registers -> shared memory once per column block (the MMA's B operand must be in shared memory).
 
 Supports what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by
@@ -74,7 +74,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
                              s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
-                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
+                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr, DEBUG: gl.constexpr,
                              num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -83,7 +83,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     # One warpgroup: every MMA is M = C rows (64) over four warps.
     ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
     ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_B, k_width=2)
     ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
     COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
@@ -111,9 +110,10 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
     pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
     tpm = (tp < T)[:, None]
-    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
+    if DEBUG & 8 == 0:
+      async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
                                            mask=tpm)
-    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+      async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
     async_copy.commit_group()
     # Column block i of 2 * NBLK: half i // NBLK (even, odd channels), pairs (i % NBLK) * NB + [0, NB).
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
@@ -127,9 +127,11 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     dl_rows = DLOCAL + state * P * N + pb[:, None] * N + nbl[None, :]
     for i in gl.static_range(2 * NBLK):
         col = (i // NBLK) * N2 + (i % NBLK) * NB
-        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
+        if DEBUG & 4 == 0:
+            async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
+            async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
+        if DEBUG & 16 == 0:
+            async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
     async_copy.commit_group()
 
     # -- per-token coefficients while the copies fly (as _chunk_coeffs, plain sequences)
@@ -162,7 +164,10 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     gl.thread_barrier()
     fence_async_shared()
     xdy = warpgroup_mma(x_s, dy_s.permute((1, 0)), gl.zeros([C, C], f32, ACC_C), use_acc=False)  # [key i, query j]
-    a1t = gl.convert_layout((xdy * w_t).to(dtype), A_OP)
+    # a1t feeds its MMA from shared memory: with the A operand in registers, Triton 3.6's wgmma lowering faulted
+    # here (illegal addresses, non-finite values, as it did on the Triton dk), and the store costs one 8 KB tile.
+    a1t = gl.allocate_shared_memory(dtype, [C, C], _nvmma([C, C], dtype))
+    a1t.store((xdy * w_t).to(dtype))
 
     t = c * C + gl.arange(0, C, layout=ROW_B)
     tmask = t < T
@@ -220,7 +225,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             gl.store(DTHETA + th_off, rcum.to(DTHETA.dtype.element_ty), mask=th_mask)
             gl.store(DTHETA_TOT + state * S + ns, total, mask=sm)
             dkE, dkO = dkE * cos + dkO * sin, dkO * cos - dkE * sin
-        if GROUP_SUM:
+        if DEBUG & 1:
+            pass
+        elif GROUP_SUM:
             off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * N + nb[None, :]
             gl.atomic_add(DKH + off, dkE, mask=tmask[:, None], sem="relaxed")
             gl.atomic_add(DKH + off + N2, dkO, mask=tmask[:, None], sem="relaxed")
@@ -228,7 +235,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
             gl.store(DKH + off, dkE.to(DKH.dtype.element_ty), mask=tmask[:, None])
             gl.store(DKH + off + N2, dkO.to(DKH.dtype.element_ty), mask=tmask[:, None])
-        if HAS_KB:
+        if HAS_KB and DEBUG & 2 == 0:
             gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
             gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
         gl.thread_barrier()  # the next block overwrites qrot_s
@@ -261,4 +268,4 @@ def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
     _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   num_warps=4)
+                                   DEBUG=int(os.environ.get("HYBRID_DK_DEBUG", "0")), num_warps=4)
