@@ -75,6 +75,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr, DEBUG: gl.constexpr,
+                             QROT_IN_PLACE: gl.constexpr,
                              num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -174,7 +175,8 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     tew_r = gl.convert_layout(to_end_w, ROW_B)
     e_r = gl.convert_layout(to_end_w * scale, ROW_B)
     m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
-    qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
+    if not QROT_IN_PLACE:
+        qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
     ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
     tsm = ts < T
     async_copy.wait_group(0)
@@ -205,16 +207,23 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             sin = gl.convert_layout(sin_s, ACC_B)
             qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
             kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
-        qrot_s.index(0).store(qE.to(dtype))
-        qrot_s.index(1).store(qO.to(dtype))
+        if QROT_IN_PLACE:  # rotated q back over its raw tile: the B operand needs no buffer of its own
+            gl.thread_barrier()  # every warp has read the raw tile
+            qrot_e = q_s.index(j)
+            qrot_o = q_s.index(NBLK + j)
+        else:
+            qrot_e = qrot_s.index(0)
+            qrot_o = qrot_s.index(1)
+        qrot_e.store(qE.to(dtype))
+        qrot_o.store(qO.to(dtype))
         gl.thread_barrier()
         fence_async_shared()
         zero = gl.zeros([C, NB], f32, ACC_B)
         xdLE = warpgroup_mma(x_s, dl_s.index(j), zero, use_acc=False)
         xdLO = warpgroup_mma(x_s, dl_s.index(NBLK + j), zero, use_acc=False)
         m_loc += (gl.sum(xdLE * kE, axis=1) + gl.sum(xdLO * kO, axis=1)) * tew_r
-        dkE = warpgroup_mma(a1t, qrot_s.index(0), e_r[:, None] * xdLE)
-        dkO = warpgroup_mma(a1t, qrot_s.index(1), e_r[:, None] * xdLO)
+        dkE = warpgroup_mma(a1t, qrot_e, e_r[:, None] * xdLE)
+        dkO = warpgroup_mma(a1t, qrot_o, e_r[:, None] * xdLO)
         if j < ROT_BLOCKS:
             dth = gl.convert_layout(kE * dkO - kO * dkE, SC)
             th_off = ((b * T + ts[:, None]) * H + h) * S + ns[None, :]
@@ -251,6 +260,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
 
 # Pairs per column block here (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_DK_NB for A/B runs.
 COL_BLOCK = int(os.environ.get("HYBRID_SCAN_DK_NB", "32"))
+# A/B knobs (docs/perf-notes.md, eighteenth session): a register cap (0: none), rotated q written over its raw tile.
+MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
+QROT_IN_PLACE = os.environ.get("HYBRID_SCAN_DK_INPLACE", "0") == "1"
 
 
 def applies(v: torch.Tensor, flags: dict) -> bool:
@@ -268,4 +280,5 @@ def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
     _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   DEBUG=int(os.environ.get("HYBRID_DK_DEBUG", "0")), num_warps=4)
+                                   DEBUG=int(os.environ.get("HYBRID_DK_DEBUG", "0")), QROT_IN_PLACE=QROT_IN_PLACE,
+                                   num_warps=4, **({"maxnreg": MAXNREG} if MAXNREG else {}))
