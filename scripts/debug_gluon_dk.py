@@ -2,7 +2,13 @@
 real backward passes and prints, per output, the relative difference and where it sits (rows of the chunk, column
 blocks), plus a check of Gluon's row scan in the layout the kernel uses.
 
-    python scripts/debug_gluon_dk.py [--shapes 2x1000x8,8x4096x32] [--modes store,atomic] [--nb 16,32]
+    python scripts/debug_gluon_dk.py [--shapes 2x1000x8,8x4096x32] [--modes store,atomic] [--nb 16,32] [--rot 1,0]
+    python scripts/debug_gluon_dk.py --scan                      # Gluon's row scan against torch.cumsum
+    python scripts/debug_gluon_dk.py --sanitize 32:atomic:2x1000x8  # compute-sanitizer over one backward
+
+What the first build showed (eighteenth session): it faulted or gave non-finite values in this script's comparison
+(not on every run) yet ran clean under compute-sanitizer; the row scan checked exact. Feeding the a1t product's
+MMA from shared memory instead of registers made every comparison exact.
 """
 
 from __future__ import annotations
@@ -122,29 +128,6 @@ def sanitize(cases: str) -> None:
         print("\n".join(lines[:40]), flush=True)
 
 
-def bisect_crash() -> None:
-    """Runs one tiny backward with the Gluon kernel per debug mask (HYBRID_DK_DEBUG bits: 1 no dk output, 2 no bias
-    sums, 4 no q / k copies, 8 no x / dy copies, 16 no dL copies), each in its own process, and once under
-    compute-sanitizer when the machine has it."""
-    import shutil
-    import subprocess
-
-    env = dict(os.environ, HYBRID_SCAN_DK="gluon", CUDA_LAUNCH_BLOCKING="1", HYBRID_SCAN_GROUP_SUM="store")
-    for rot in ("True", "False"):
-        for mask in (0, 1, 2, 3, 4, 8, 16, 28, 31):
-            r = subprocess.run([sys.executable, "-c", tiny(rot)], env=dict(env, HYBRID_DK_DEBUG=str(mask)),
-                               capture_output=True, text=True)
-            last = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
-            print(f"rot={rot} mask={mask:2d}: rc {r.returncode} {last[0][:150]}", flush=True)
-    tool = shutil.which("compute-sanitizer") or next(
-        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
-    print("compute-sanitizer:", tool, flush=True)
-    if tool:
-        r = subprocess.run([tool, "--print-limit", "4", sys.executable, "-c", tiny("True")],
-                           env=dict(env, HYBRID_DK_DEBUG="0"), capture_output=True, text=True)
-        print("\n".join((r.stdout + r.stderr).splitlines()[:60]), flush=True)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="2x1000x8,1x128x4")
@@ -152,14 +135,10 @@ def main() -> None:
     ap.add_argument("--nb", default="16,32")
     ap.add_argument("--rot", default="1,0")
     ap.add_argument("--scan", action="store_true")
-    ap.add_argument("--crash", action="store_true")
     ap.add_argument("--sanitize", default="")
     args = ap.parse_args()
     if args.sanitize:
         sanitize(args.sanitize)
-        return
-    if args.crash:
-        bisect_crash()
         return
     if args.scan:
         for nb in (16, 32):

@@ -1,4 +1,4 @@
-"""The Gluon (Hopper) key-side backward kernel (``gluon_siso_dk.py``) against the Triton one it replaces.
+"""The Gluon (Hopper) key-side backward kernel (``gluon_siso_dk.py``) against the Triton one it replaces on an H100.
 
 Gluon has no interpreter: the comparison runs only on an sm_90 GPU (``gpu`` mark). The Triton kernel is the one
 tested against the float64 reference on the CPU, so matching it at real shapes in bf16 is the check here.
@@ -20,19 +20,18 @@ CASES = {
 }
 
 
-def test_gluon_dk_is_opt_in_and_names_a_bad_value(monkeypatch):
+def test_gluon_dk_selection_and_a_bad_value(monkeypatch):
+    from hybrid.kernels.mamba3 import triton_siso_bwd
     from hybrid.kernels.mamba3.triton_siso import kernel_flags
-    from hybrid.kernels.mamba3.triton_siso_bwd import dk_in_gluon
 
     flags = kernel_flags(64, 128, 64, 32, True)
     v = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
-    monkeypatch.delenv("HYBRID_SCAN_DK", raising=False)
-    assert not dk_in_gluon(v, flags)
-    monkeypatch.setenv("HYBRID_SCAN_DK", "gluon")
-    assert not dk_in_gluon(v, flags)  # not on the CPU: the Triton kernel runs there
+    for mode in ("auto", "gluon", "triton"):  # never on the CPU: the Triton kernel runs there
+        monkeypatch.setenv("HYBRID_SCAN_DK", mode)
+        assert not triton_siso_bwd.dk_in_gluon(v, flags)
     monkeypatch.setenv("HYBRID_SCAN_DK", "cuda")
-    with pytest.raises(ValueError, match="triton or gluon"):
-        dk_in_gluon(v, flags)
+    with pytest.raises(ValueError, match="auto, triton or gluon"):
+        triton_siso_bwd.dk_in_gluon(v, flags)
 
 
 def _grads(monkeypatch, inp, st, kernel: str, angle_dt: bool):

@@ -74,8 +74,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
                              s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
-                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr, DEBUG: gl.constexpr,
-                             QROT_IN_PLACE: gl.constexpr,
+                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
                              num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -111,10 +110,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
     pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
     tpm = (tp < T)[:, None]
-    if DEBUG & 8 == 0:
-      async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
+    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
                                            mask=tpm)
-      async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
     async_copy.commit_group()
     # Column block i of 2 * NBLK: half i // NBLK (even, odd channels), pairs (i % NBLK) * NB + [0, NB).
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
@@ -128,11 +126,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     dl_rows = DLOCAL + state * P * N + pb[:, None] * N + nbl[None, :]
     for i in gl.static_range(2 * NBLK):
         col = (i // NBLK) * N2 + (i % NBLK) * NB
-        if DEBUG & 4 == 0:
-            async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
-            async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
-        if DEBUG & 16 == 0:
-            async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
+        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
     async_copy.commit_group()
 
     # -- per-token coefficients while the copies fly (as _chunk_coeffs, plain sequences)
@@ -175,8 +171,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     tew_r = gl.convert_layout(to_end_w, ROW_B)
     e_r = gl.convert_layout(to_end_w * scale, ROW_B)
     m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
-    if not QROT_IN_PLACE:
-        qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
+    qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
     ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
     tsm = ts < T
     async_copy.wait_group(0)
@@ -207,23 +202,16 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             sin = gl.convert_layout(sin_s, ACC_B)
             qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
             kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
-        if QROT_IN_PLACE:  # rotated q back over its raw tile: the B operand needs no buffer of its own
-            gl.thread_barrier()  # every warp has read the raw tile
-            qrot_e = q_s.index(j)
-            qrot_o = q_s.index(NBLK + j)
-        else:
-            qrot_e = qrot_s.index(0)
-            qrot_o = qrot_s.index(1)
-        qrot_e.store(qE.to(dtype))
-        qrot_o.store(qO.to(dtype))
+        qrot_s.index(0).store(qE.to(dtype))
+        qrot_s.index(1).store(qO.to(dtype))
         gl.thread_barrier()
         fence_async_shared()
         zero = gl.zeros([C, NB], f32, ACC_B)
         xdLE = warpgroup_mma(x_s, dl_s.index(j), zero, use_acc=False)
         xdLO = warpgroup_mma(x_s, dl_s.index(NBLK + j), zero, use_acc=False)
         m_loc += (gl.sum(xdLE * kE, axis=1) + gl.sum(xdLO * kO, axis=1)) * tew_r
-        dkE = warpgroup_mma(a1t, qrot_e, e_r[:, None] * xdLE)
-        dkO = warpgroup_mma(a1t, qrot_o, e_r[:, None] * xdLO)
+        dkE = warpgroup_mma(a1t, qrot_s.index(0), e_r[:, None] * xdLE)
+        dkO = warpgroup_mma(a1t, qrot_s.index(1), e_r[:, None] * xdLO)
         if j < ROT_BLOCKS:
             dth = gl.convert_layout(kE * dkO - kO * dkE, SC)
             th_off = ((b * T + ts[:, None]) * H + h) * S + ns[None, :]
@@ -234,9 +222,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             gl.store(DTHETA + th_off, rcum.to(DTHETA.dtype.element_ty), mask=th_mask)
             gl.store(DTHETA_TOT + state * S + ns, total, mask=sm)
             dkE, dkO = dkE * cos + dkO * sin, dkO * cos - dkE * sin
-        if DEBUG & 1:
-            pass
-        elif GROUP_SUM:
+        if GROUP_SUM:
             off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * N + nb[None, :]
             gl.atomic_add(DKH + off, dkE, mask=tmask[:, None], sem="relaxed")
             gl.atomic_add(DKH + off + N2, dkO, mask=tmask[:, None], sem="relaxed")
@@ -244,7 +230,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
             gl.store(DKH + off, dkE.to(DKH.dtype.element_ty), mask=tmask[:, None])
             gl.store(DKH + off + N2, dkO.to(DKH.dtype.element_ty), mask=tmask[:, None])
-        if HAS_KB and DEBUG & 2 == 0:
+        if HAS_KB:
             gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
             gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
         gl.thread_barrier()  # the next block overwrites qrot_s
@@ -260,9 +246,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
 
 # Pairs per column block here (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_DK_NB for A/B runs.
 COL_BLOCK = int(os.environ.get("HYBRID_SCAN_DK_NB", "32"))
-# A/B knobs (docs/perf-notes.md, eighteenth session): a register cap (0: none), rotated q written over its raw tile.
+# A register cap for A/B runs (0: none). 16-pair blocks at 168 registers (three programs an SM) tied the uncapped
+# 32-pair blocks; 32-pair blocks at 168 spill and lose (docs/perf-notes.md, eighteenth session).
 MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
-QROT_IN_PLACE = os.environ.get("HYBRID_SCAN_DK_INPLACE", "0") == "1"
 
 
 def applies(v: torch.Tensor, flags: dict) -> bool:
@@ -280,5 +266,4 @@ def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
     _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   DEBUG=int(os.environ.get("HYBRID_DK_DEBUG", "0")), QROT_IN_PLACE=QROT_IN_PLACE,
                                    num_warps=4, **({"maxnreg": MAXNREG} if MAXNREG else {}))
