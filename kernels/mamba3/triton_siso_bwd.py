@@ -389,26 +389,30 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
     return d_dt, d_lam, d_omega
 
 
-def dk_in_gluon(v: torch.Tensor, flags: dict) -> bool:
-    """Whether the key-side kernel runs as its Gluon version (``gluon_siso_dk.py``; on an H100 at 8 x 4096 it takes
-    0.86 ms where the Triton one takes 1.13). ``HYBRID_SCAN_DK``: ``auto`` (default) takes it where it applies (an
-    sm_90 GPU, plain sequences, 16-bit activations, chunk 64; ``gluon_siso_dk.applies``) under the Triton release it
-    was written and tested against (``GLUON_DK_TRITON``: Gluon's API still moves between releases);
-    ``gluon`` takes it wherever it applies; ``triton`` never. Imported only when asked for."""
-    mode = os.environ.get("HYBRID_SCAN_DK", "auto")
+def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
+    """Whether the backward's query-side (``dq``) or key-side (``dk``) kernel runs as its Gluon version
+    (``gluon_siso_bwd.py``; on an H100 at 8 x 4096 the Gluon dk takes 0.86 ms where the Triton one takes 1.13).
+    ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``: ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, 16-bit
+    activations, chunk 64; ``gluon_siso_bwd.applies``) under the Triton release it was written and tested against
+    (``GLUON_TRITON``: Gluon's API still moves between releases); ``gluon`` takes it wherever it applies; ``triton``
+    never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
+    name = f"HYBRID_SCAN_{kernel.upper()}"
+    mode = os.environ.get(name, GLUON_DEFAULT[kernel])
     if mode not in ("auto", "triton", "gluon"):
-        raise ValueError(f"HYBRID_SCAN_DK must be auto, triton or gluon, got {mode!r}")
+        raise ValueError(f"{name} must be auto, triton or gluon, got {mode!r}")
     if mode == "triton" or not v.is_cuda or flags["HAS_SEQ"]:
         return False
-    if mode == "auto" and not triton.__version__.startswith(GLUON_DK_TRITON):
+    if mode == "auto" and not triton.__version__.startswith(GLUON_TRITON):
         return False
-    from hybrid.kernels.mamba3 import gluon_siso_dk
+    from hybrid.kernels.mamba3 import gluon_siso_bwd
 
-    return gluon_siso_dk.applies(v, flags)
+    return gluon_siso_bwd.applies(kernel, v, flags)
 
 
-# The Triton release (major.minor) the Gluon key-side kernel was written and tested against.
-GLUON_DK_TRITON = "3.6."
+# The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
+# (dq's Gluon version is new and not yet measured on a GPU: opt-in until it is).
+GLUON_TRITON = "3.6."
+GLUON_DEFAULT = {"dq": "triton", "dk": "auto"}
 
 
 def group_sums_by_atomics(device: torch.device) -> bool:
@@ -478,11 +482,19 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
-                                            seq, ctx["g_in"], dy,
-                                            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
-                                            *dx_strides,
-                                            HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum, **flags)
+    if in_gluon("dq", v, flags):  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
+        from hybrid.kernels.mamba3 import gluon_siso_bwd
+
+        gluon_siso_bwd.chunk_scan_bwd_dq(
+            (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"], ctx["g_in"], dy,
+            dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common[:-1], *dx_strides, flags=flags,
+            n_angles=S if has_rot else 0, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum)
+    else:
+        _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
+                                                seq, ctx["g_in"], dy,
+                                                dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common,
+                                                *dx_strides,
+                                                HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum, **flags)
 
     dg_final = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
     if d_ssm is not None:
@@ -491,10 +503,10 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
 
     _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
                                             *dx_strides, HAS_KB=has_kb, **flags)
-    if dk_in_gluon(v, flags):  # the same kernel written for Hopper (gluon_siso_dk.py): no SEQ on plain sequences
-        from hybrid.kernels.mamba3 import gluon_siso_dk
+    if in_gluon("dk", v, flags):  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
+        from hybrid.kernels.mamba3 import gluon_siso_bwd
 
-        gluon_siso_dk.chunk_scan_bwd_dk(
+        gluon_siso_bwd.chunk_scan_bwd_dk(
             (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], dlocal, dcsl, dy, dcs_part,
             dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common[:-1], flags=flags, n_angles=S if has_rot else 0,
             HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum)

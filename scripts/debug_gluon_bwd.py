@@ -2,9 +2,9 @@
 real backward passes and prints, per output, the relative difference and where it sits (rows of the chunk, column
 blocks), plus a check of Gluon's row scan in the layout the kernel uses.
 
-    python scripts/debug_gluon_dk.py [--shapes 2x1000x8,8x4096x32] [--modes store,atomic] [--nb 16,32] [--rot 1,0]
-    python scripts/debug_gluon_dk.py --scan                      # Gluon's row scan against torch.cumsum
-    python scripts/debug_gluon_dk.py --sanitize 32:atomic:2x1000x8  # compute-sanitizer over one backward
+    python scripts/debug_gluon_bwd.py [--shapes 2x1000x8,8x4096x32] [--modes store,atomic] [--nb 16,32] [--rot 1,0]
+    python scripts/debug_gluon_bwd.py --scan                      # Gluon's row scan against torch.cumsum
+    python scripts/debug_gluon_bwd.py --sanitize 32:atomic:2x1000x8  # compute-sanitizer over one backward
 
 What the first build showed (eighteenth session): it faulted or gave non-finite values in this script's comparison
 (not on every run) yet ran clean under compute-sanitizer; the row scan checked exact. Feeding the a1t product's
@@ -23,7 +23,7 @@ sys.path.insert(0, "tests")
 
 
 def check_scan(nb: int) -> None:
-    from hybrid.kernels.mamba3 import gluon_siso_dk as m
+    from hybrid.kernels.mamba3 import gluon_siso_bwd as m
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
 
@@ -43,7 +43,7 @@ def check_scan(nb: int) -> None:
 
 
 def compare_in_backward(B: int, T: int, H: int, mode: str, nb: int, rot: bool) -> None:
-    from hybrid.kernels.mamba3 import gluon_siso_dk as m
+    from hybrid.kernels.mamba3 import gluon_siso_bwd as m
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
     from hybrid.kernels.mamba3.triton_siso_bwd import _chunk_scan_bwd_dk_tuned
     from test_mamba3_triton import make

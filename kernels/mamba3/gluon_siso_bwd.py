@@ -44,6 +44,11 @@ def _nvmma(shape, dtype):
 
 
 @gluon.constexpr_function
+def _at_least_one(n):
+    return max(n, 1)
+
+
+@gluon.constexpr_function
 def _tile_layout(cols, num_warps):
     """Registers of a (rows, cols) 16-bit tile for loading: 16-byte vectors along a row, rows across lanes/warps."""
     per_row = min(cols // 8, 32)
@@ -244,19 +249,239 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     gl.store(DSCALE + coef, gl.load(DSCALE + coef, mask=tvm, other=0.0) + m_v, mask=tvm)
 
 
-# Pairs per column block here (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_DK_NB for A/B runs.
-COL_BLOCK = int(os.environ.get("HYBRID_SCAN_DK_NB", "32"))
+@gluon.jit
+def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN, DY,
+                             DQH, DQB_PART, DCS_PART, DSCALE, DGAMMA, DTHETA, DG_IN, DX, DD_PART,
+                             T, H, S, nc, heads_per_group,
+                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_db8, s_dt8,
+                             C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
+                             ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr, HAS_D: gl.constexpr,
+                             ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
+                             num_warps: gl.constexpr):
+    """Query side of chunk c (``_chunk_scan_bwd_dq``'s outputs): q and k are rotated once, in place in shared
+    memory, and serve both the scores and the column loop; the scores, the dx product and dG_in read their
+    operands from shared memory (a1, sw and dy e^{cs} are written there once)."""
+    NBLK: gl.constexpr = N2 // NB
+    N: gl.constexpr = 2 * N2
+    dtype: gl.constexpr = X.dtype.element_ty
+    f32: gl.constexpr = gl.float32
+    ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
+    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
+    ACC_P: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, P, 16])
+    ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
+    COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
+    ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
+    COL_C: gl.constexpr = gl.SliceLayout(0, ACC_C)
+    VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    LD_P: gl.constexpr = _tile_layout(P, num_warps)
+    LD_B: gl.constexpr = _tile_layout(NB, num_warps)
+    SC: gl.constexpr = _scan_layout(NB, num_warps)
+    FLAT: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
+
+    if HEADS_FIRST:
+        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
+        c = pid // gl.num_programs(1)
+        bh = pid % gl.num_programs(1)
+    else:
+        c = gl.program_id(0).to(gl.int64)
+        bh = gl.program_id(1).to(gl.int64)
+    b = bh // H
+    h = bh % H
+    g = h // heads_per_group
+    state = (b * nc + c) * H + h
+
+    # -- input tiles to shared memory: (x, dy) first, then q / k blocks and the entering state G.
+    x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    dy_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
+    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
+    tpm = (tp < T)[:, None]
+    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
+                                           mask=tpm)
+    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+    async_copy.commit_group()
+    q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    g_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
+    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
+    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
+    pb = gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))
+    tbm = (tb < T)[:, None]
+    qk_rows = b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
+    g_rows = G_IN + state * P * N + pb[:, None] * N + nbl[None, :]
+    for i in gl.static_range(2 * NBLK):
+        col = (i // NBLK) * N2 + (i % NBLK) * NB
+        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(g_s.index(i), g_rows + col)
+    async_copy.commit_group()
+
+    # -- per-token coefficients (as _chunk_coeffs, plain sequences) and the (C, C) weights [query j, key i]
+    tv = c * C + gl.arange(0, C, layout=VEC)
+    tvm = tv < T
+    coef = b * s_ab + tv * s_at + h * s_ah
+    a = gl.load(A + coef, mask=tvm, other=0.0).to(f32)
+    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(f32)
+    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(f32)
+    nmask = (tv + 1) < T
+    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(f32)
+    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(f32)
+    gamma = lam * dt
+    scale = gamma + dtn * (1.0 - lamn)
+    cs = gl.associative_scan(a, 0, _add)
+    jr = gl.arange(0, C, layout=ROW_C)
+    ic = gl.arange(0, C, layout=COL_C)
+    below = jr[:, None] > ic[None, :]
+    diag = jr[:, None] == ic[None, :]
+    decay = gl.where(below, gl.exp(gl.where(below, gl.convert_layout(cs, ROW_C)[:, None] -
+                                            gl.convert_layout(cs, COL_C)[None, :], 0.0)), 0.0)
+    w = decay * gl.convert_layout(scale, COL_C)[None, :] + gl.where(diag, gl.convert_layout(gamma, COL_C)[None, :], 0.0)
+
+    async_copy.wait_group(1)
+    gl.thread_barrier()
+    fence_async_shared()
+    dyx = warpgroup_mma(dy_s, x_s.permute((1, 0)), gl.zeros([C, C], f32, ACC_C), use_acc=False)  # dy_j . x_i
+
+    # -- q and k biased and rotated once, in place; the angles kept for un-rotating dq in the column loop.
+    t = c * C + gl.arange(0, C, layout=ROW_B)
+    tmask = t < T
+    ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
+    tsm = ts < T
+    th_s = gl.allocate_shared_memory(f32, [_at_least_one(ROT_BLOCKS), C, NB], FLAT)
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    for j in gl.static_range(NBLK):
+        nb = j * NB + gl.arange(0, NB, layout=COL_B)
+        qE = q_s.index(j).load(ACC_B).to(f32)
+        qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
+        kE = k_s.index(j).load(ACC_B).to(f32)
+        kO = k_s.index(NBLK + j).load(ACC_B).to(f32)
+        if HAS_QB:
+            qE += gl.load(QB + h * N + nb).to(f32)[None, :]
+            qO += gl.load(QB + h * N + N2 + nb).to(f32)[None, :]
+        if HAS_KB:
+            kE += gl.load(KB + h * N + nb).to(f32)[None, :]
+            kO += gl.load(KB + h * N + N2 + nb).to(f32)[None, :]
+        if j < ROT_BLOCKS:
+            ns = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, SC))
+            sm = ns < S
+            om = gl.load(OMEGA + b * s_ob + ts[:, None] * s_ot + ns[None, :], mask=tsm[:, None] & sm[None, :],
+                         other=0.0).to(f32)
+            if ANGLE_DT:
+                om = om * gl.convert_layout(dt, gl.SliceLayout(1, SC))[:, None]
+            theta = gl.associative_scan(om, 0, _add) + gl.load(THETA_OFF + state * S + ns, mask=sm, other=0.0)[None, :]
+            theta = gl.convert_layout(theta, ACC_B)
+            th_s.index(j).store(theta)  # read back by the same threads, in the same layout
+            cos, sin = _cos_sin(theta)
+            qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
+            kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
+        gl.thread_barrier()  # every warp has read the raw tiles
+        q_s.index(j).store(qE.to(dtype))
+        q_s.index(NBLK + j).store(qO.to(dtype))
+        k_s.index(j).store(kE.to(dtype))
+        k_s.index(NBLK + j).store(kO.to(dtype))
+    gl.thread_barrier()
+    fence_async_shared()
+    scores = gl.zeros([C, C], f32, ACC_C)
+    for i in gl.static_range(2 * NBLK):
+        scores = warpgroup_mma(q_s.index(i), k_s.index(i).permute((1, 0)), scores)  # q_j . k_i
+
+    dw = scores * dyx
+    sw = scores * w  # [query j, key i]
+    if HAS_D:  # the skip term D dy_i rides on the diagonal
+        sw += gl.where(diag, gl.load(D + h).to(f32), 0.0)
+        dd = gl.sum(gl.sum(gl.where(diag, dyx, 0.0), axis=1), axis=0)
+    pw = gl.where(below, dw * w, 0.0)
+    dcs = gl.convert_layout(gl.sum(pw, axis=1), ROW_B) - gl.convert_layout(gl.sum(pw, axis=0), ROW_B)
+    dscale = gl.sum(gl.where(below, dw * decay, 0.0), axis=0)
+    dgamma = gl.sum(gl.where(diag, dw, 0.0), axis=1)
+    a1_s = gl.allocate_shared_memory(dtype, [C, C], _nvmma([C, C], dtype))
+    a1_s.store((dyx * w).to(dtype))
+    sw_s = gl.allocate_shared_memory(dtype, [C, C], _nvmma([C, C], dtype))
+    sw_s.store(sw.to(dtype))
+    # dy_j e^{cs_j}: its transpose is the A operand of dG_in = sum_j e^{cs_j} dy_j q_j^T
+    ecs_p = gl.exp(gl.convert_layout(cs, gl.SliceLayout(1, ACC_P)))
+    dye_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    dye_s.store((dy_s.load(ACC_P).to(f32) * ecs_p[:, None]).to(dtype))
+    ecs = gl.exp(gl.convert_layout(cs, ROW_B))
+    gl.thread_barrier()
+    fence_async_shared()
+
+    pr = gl.arange(0, P, layout=ROW_B)
+    dg_rows = DG_IN + state * P * N + pr[:, None] * N
+    zero = gl.zeros([C, NB], f32, ACC_B)
+    zero_p = gl.zeros([P, NB], f32, ACC_B)
+    for j in gl.static_range(NBLK):
+        nb = j * NB + gl.arange(0, NB, layout=COL_B)
+        qE = q_s.index(j).load(ACC_B).to(f32)
+        qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
+        dyGE = warpgroup_mma(dy_s, g_s.index(j), zero, use_acc=False)  # (C, NB): rows of dy G^T
+        dyGO = warpgroup_mma(dy_s, g_s.index(NBLK + j), zero, use_acc=False)
+        dcs += ecs * (gl.sum(dyGE * qE, axis=1) + gl.sum(dyGO * qO, axis=1))  # inter part
+        dgE = warpgroup_mma(dye_s.permute((1, 0)), q_s.index(j), zero_p, use_acc=False)  # (P, NB)
+        gl.store(dg_rows + nb[None, :], dgE.to(DG_IN.dtype.element_ty))
+        dgO = warpgroup_mma(dye_s.permute((1, 0)), q_s.index(NBLK + j), zero_p, use_acc=False)
+        gl.store(dg_rows + N2 + nb[None, :], dgO.to(DG_IN.dtype.element_ty))
+        dqE = warpgroup_mma(a1_s, k_s.index(j), ecs[:, None] * dyGE)
+        dqO = warpgroup_mma(a1_s, k_s.index(NBLK + j), ecs[:, None] * dyGO)
+        if j < ROT_BLOCKS:
+            th_mask = tmask[:, None] & (nb < S)[None, :]
+            gl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + nb[None, :],
+                     (qE * dqO - qO * dqE).to(DTHETA.dtype.element_ty), mask=th_mask)
+            cos, sin = _cos_sin(th_s.index(j).load(ACC_B))
+            dqE, dqO = dqE * cos + dqO * sin, dqO * cos - dqE * sin
+        if GROUP_SUM:
+            off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * N + nb[None, :]
+            gl.atomic_add(DQH + off, dqE, mask=tmask[:, None], sem="relaxed")
+            gl.atomic_add(DQH + off + N2, dqO, mask=tmask[:, None], sem="relaxed")
+        else:
+            off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
+            gl.store(DQH + off, dqE.to(DQH.dtype.element_ty), mask=tmask[:, None])
+            gl.store(DQH + off + N2, dqO.to(DQH.dtype.element_ty), mask=tmask[:, None])
+        if HAS_QB:
+            gl.store(DQB_PART + state * N + nb, gl.sum(dqE, axis=0))
+            gl.store(DQB_PART + state * N + N2 + nb, gl.sum(dqO, axis=0))
+
+    coef_r = b * s_ab + t * s_at + h * s_ah
+    gl.store(DCS_PART + coef_r, dcs, mask=tmask)
+    ic_v = c * C + gl.arange(0, C, layout=COL_C)
+    gl.store(DSCALE + b * s_ab + ic_v * s_at + h * s_ah, dscale, mask=ic_v < T)
+    jr_v = c * C + jr
+    gl.store(DGAMMA + b * s_ab + jr_v * s_at + h * s_ah, dgamma, mask=jr_v < T)
+    dx = warpgroup_mma(sw_s.permute((1, 0)), dy_s, gl.zeros([C, P], f32, ACC_P), use_acc=False)  # [key i]
+    tx = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, ACC_P))
+    px = gl.arange(0, P, layout=gl.SliceLayout(0, ACC_P))
+    gl.store(DX + b * (s_db8 * 8) + tx[:, None] * (s_dt8 * 8) + h * s_xh + px[None, :], dx.to(DX.dtype.element_ty),
+             mask=(tx < T)[:, None])
+    if HAS_D:
+        gl.store(DD_PART + state, dd)
+
+
+# Pairs per column block of the Gluon kernels (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_GLUON_NB for A/B runs.
+COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
 # A register cap for A/B runs (0: none). 16-pair blocks at 168 registers (three programs an SM) tied the uncapped
 # 32-pair blocks; 32-pair blocks at 168 spill and lose (docs/perf-notes.md, eighteenth session).
 MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
 
 
-def applies(v: torch.Tensor, flags: dict) -> bool:
-    """Whether this kernel can run the launch: an sm_90 GPU, plain sequences, 16-bit activations, a chunk of 64
-    (one warpgroup's MMA rows), a head size the MMAs take."""
+def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
+    """Whether the ``dq`` or ``dk`` kernel can run the launch: an sm_90 GPU, plain sequences, 16-bit activations, a
+    chunk of 64 (one warpgroup's MMA rows), a head size the MMAs take (dq's dG_in product has the head size as its
+    rows: a multiple of 64)."""
+    head_ok = flags["P"] % 64 == 0 if kernel == "dq" else flags["P"] % 16 == 0
     return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
-            and v.dtype in (torch.bfloat16, torch.float16) and flags["C"] == 64 and flags["P"] % 16 == 0
+            and v.dtype in (torch.bfloat16, torch.float16) and flags["C"] == 64 and head_ok
             and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)
+
+
+def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool,
+                      GROUP_SUM: bool) -> None:
+    """Launches the query-side kernel on the Triton dq's grid with its arguments less SEQ and SEQ's stride."""
+    nb = min(COL_BLOCK, flags["N2"])
+    _chunk_scan_bwd_dq_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
+                                   ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB, HAS_D=HAS_D,
+                                   ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
+                                   num_warps=4)
 
 
 def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool) -> None:
