@@ -119,7 +119,7 @@ def sanitize(cases: str) -> None:
 
     for case in cases.split(","):
         nb, mode, shape = case.split(":")
-        env = dict(os.environ, HYBRID_SCAN_DK="gluon", HYBRID_SCAN_GROUP_SUM=mode, HYBRID_SCAN_DK_NB=nb,
+        env = dict(os.environ, HYBRID_SCAN_DK="gluon", HYBRID_SCAN_GROUP_SUM=mode, HYBRID_SCAN_GLUON_NB=nb,
                    HYBRID_TRITON_TUNE="fixed")
         r = subprocess.run(["/usr/local/cuda/bin/compute-sanitizer", "--print-limit", "3", sys.executable, "-c",
                             tiny("True", shape)], env=env, capture_output=True, text=True)
