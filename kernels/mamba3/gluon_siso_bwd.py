@@ -258,8 +258,9 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr, HAS_D: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
                              num_warps: gl.constexpr):
-    """Query side of chunk c (``_chunk_scan_bwd_dq``'s outputs): q and k are rotated once, in place in shared
-    memory, and serve both the scores and the column loop; the scores, the dx product and dG_in read their
+    """Query side of chunk c (``_chunk_scan_bwd_dq``'s outputs): q and k are biased and rotated once into shared
+    memory (k in place) as the operands of the scores and of the column loop's products; the column loop rotates q
+    again in fp32 for its elementwise terms from the kept angles. The scores, the dx product and dG_in read their
     operands from shared memory (a1, sw and dy e^{cs} are written there once)."""
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -302,6 +303,7 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     async_copy.commit_group()
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    qr_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))  # q biased and rotated
     g_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
     tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
     nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
@@ -375,16 +377,16 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
             cos, sin = _cos_sin(theta)
             qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
             kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
-        gl.thread_barrier()  # every warp has read the raw tiles
-        q_s.index(j).store(qE.to(dtype))
-        q_s.index(NBLK + j).store(qO.to(dtype))
+        gl.thread_barrier()  # every warp has read the raw k tiles
+        qr_s.index(j).store(qE.to(dtype))
+        qr_s.index(NBLK + j).store(qO.to(dtype))
         k_s.index(j).store(kE.to(dtype))
         k_s.index(NBLK + j).store(kO.to(dtype))
     gl.thread_barrier()
     fence_async_shared()
     scores = gl.zeros([C, C], f32, ACC_C)
     for i in gl.static_range(2 * NBLK):
-        scores = warpgroup_mma(q_s.index(i), k_s.index(i).permute((1, 0)), scores)  # q_j . k_i
+        scores = warpgroup_mma(qr_s.index(i), k_s.index(i).permute((1, 0)), scores)  # q_j . k_i
 
     dw = scores * dyx
     sw = scores * w  # [query j, key i]
@@ -413,14 +415,22 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     zero_p = gl.zeros([P, NB], f32, ACC_B)
     for j in gl.static_range(NBLK):
         nb = j * NB + gl.arange(0, NB, layout=COL_B)
+        # q again in fp32 for the elementwise terms (d angle, d cs): rounded to bf16 there, the angle-rate gradient
+        # moved 2.7% from the Triton kernel's (first GPU run)
         qE = q_s.index(j).load(ACC_B).to(f32)
         qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
+        if HAS_QB:
+            qE += gl.load(QB + h * N + nb).to(f32)[None, :]
+            qO += gl.load(QB + h * N + N2 + nb).to(f32)[None, :]
+        if j < ROT_BLOCKS:
+            cos, sin = _cos_sin(th_s.index(j).load(ACC_B))
+            qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
         dyGE = warpgroup_mma(dy_s, g_s.index(j), zero, use_acc=False)  # (C, NB): rows of dy G^T
         dyGO = warpgroup_mma(dy_s, g_s.index(NBLK + j), zero, use_acc=False)
         dcs += ecs * (gl.sum(dyGE * qE, axis=1) + gl.sum(dyGO * qO, axis=1))  # inter part
-        dgE = warpgroup_mma(dye_s.permute((1, 0)), q_s.index(j), zero_p, use_acc=False)  # (P, NB)
+        dgE = warpgroup_mma(dye_s.permute((1, 0)), qr_s.index(j), zero_p, use_acc=False)  # (P, NB)
         gl.store(dg_rows + nb[None, :], dgE.to(DG_IN.dtype.element_ty))
-        dgO = warpgroup_mma(dye_s.permute((1, 0)), q_s.index(NBLK + j), zero_p, use_acc=False)
+        dgO = warpgroup_mma(dye_s.permute((1, 0)), qr_s.index(NBLK + j), zero_p, use_acc=False)
         gl.store(dg_rows + N2 + nb[None, :], dgO.to(DG_IN.dtype.element_ty))
         dqE = warpgroup_mma(a1_s, k_s.index(j), ecs[:, None] * dyGE)
         dqO = warpgroup_mma(a1_s, k_s.index(NBLK + j), ecs[:, None] * dyGO)
@@ -428,7 +438,6 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
             th_mask = tmask[:, None] & (nb < S)[None, :]
             gl.store(DTHETA + ((b * T + t[:, None]) * H + h) * S + nb[None, :],
                      (qE * dqO - qO * dqE).to(DTHETA.dtype.element_ty), mask=th_mask)
-            cos, sin = _cos_sin(th_s.index(j).load(ACC_B))
             dqE, dqO = dqE * cos + dqO * sin, dqO * cos - dqE * sin
         if GROUP_SUM:
             off = ((b * T + t[:, None]) * (H // heads_per_group) + g) * N + nb[None, :]
