@@ -74,13 +74,13 @@ def _cos_sin(theta):
 
 @gluon.jit
 def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOCAL, DCSL, DY,
-                             DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
+                             DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT, DX,
                              T, H, S, nc, heads_per_group,
-                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
+                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_db8, s_dt8,
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
-                             num_warps: gl.constexpr):
+                             WITH_DX: gl.constexpr, num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
@@ -177,6 +177,11 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     e_r = gl.convert_layout(to_end_w * scale, ROW_B)
     m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
     qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
+    if WITH_DX:  # dx's local-state term, sum_blocks k_rot dL^T, as a fourth product (the dx kernel then goes)
+        ACC_P: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                        instr_shape=[16, P, 16])
+        krot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
+        kdl = gl.zeros([C, P], f32, ACC_P)
     ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
     tsm = ts < T
     async_copy.wait_group(0)
@@ -209,6 +214,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
         qrot_s.index(0).store(qE.to(dtype))
         qrot_s.index(1).store(qO.to(dtype))
+        if WITH_DX:
+            krot_s.index(0).store(kE.to(dtype))
+            krot_s.index(1).store(kO.to(dtype))
         gl.thread_barrier()
         fence_async_shared()
         zero = gl.zeros([C, NB], f32, ACC_B)
@@ -217,6 +225,9 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
         m_loc += (gl.sum(xdLE * kE, axis=1) + gl.sum(xdLO * kO, axis=1)) * tew_r
         dkE = warpgroup_mma(a1t, qrot_s.index(0), e_r[:, None] * xdLE)
         dkO = warpgroup_mma(a1t, qrot_s.index(1), e_r[:, None] * xdLO)
+        if WITH_DX:
+            kdl = warpgroup_mma(krot_s.index(0), dl_s.index(j).permute((1, 0)), kdl)
+            kdl = warpgroup_mma(krot_s.index(1), dl_s.index(NBLK + j).permute((1, 0)), kdl)
         if j < ROT_BLOCKS:
             dth = gl.convert_layout(kE * dkO - kO * dkE, SC)
             th_off = ((b * T + ts[:, None]) * H + h) * S + ns[None, :]
@@ -239,6 +250,15 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
             gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
         gl.thread_barrier()  # the next block overwrites qrot_s
+
+    if WITH_DX:  # dx_i += e_i k_i dL^T onto what dq stored there
+        tx = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, ACC_P))
+        px = gl.arange(0, P, layout=gl.SliceLayout(0, ACC_P))
+        dx_ptr = DX + b * (s_db8 * 8) + tx[:, None] * (s_dt8 * 8) + h * s_xh + px[None, :]
+        dx_mask = (tx < T)[:, None]
+        e_p = gl.convert_layout(to_end_w * scale, gl.SliceLayout(1, ACC_P))
+        dx = gl.load(dx_ptr, mask=dx_mask, other=0.0).to(f32) + e_p[:, None] * kdl
+        gl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=dx_mask)
 
     # d log-decay: reverse cumulative sum of everything d cs (plus d cs_last at the chunk's end); d scale's local part.
     m_v = gl.convert_layout(m_loc, VEC)
@@ -471,6 +491,9 @@ COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
 # A register cap for A/B runs (0: none). 16-pair blocks at 168 registers (three programs an SM) tied the uncapped
 # 32-pair blocks; 32-pair blocks at 168 spill and lose (docs/perf-notes.md, eighteenth session).
 MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
+# dx's local-state term inside dk (WITH_DX), so the dx kernel (0.34 ms at 8 x 4096) goes: offline 255 registers,
+# 12 / 12 spill instructions, 88 KB at 32-pair blocks. Not yet measured on a GPU: opt-in, HYBRID_SCAN_DK_DX=1.
+DK_WITH_DX = os.environ.get("HYBRID_SCAN_DK_DX", "0") == "1"
 
 
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
@@ -493,11 +516,13 @@ def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
                                    num_warps=4)
 
 
-def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool) -> None:
-    """Launches the kernel on the Triton dk's grid with its arguments less SEQ and SEQ's stride (``args``, as
-    ``mamba3_siso_chunk_bwd`` builds them); its own column block of ``COL_BLOCK`` pairs (at most N / 2)."""
+def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool,
+                      WITH_DX: bool = False) -> None:
+    """Launches the key-side kernel on the Triton dk's grid (``args`` as ``mamba3_siso_chunk_bwd`` builds them: the
+    Triton dk's less SEQ and SEQ's stride, plus dx and its row strides, which only WITH_DX uses); its own column
+    block of ``COL_BLOCK`` pairs (at most N / 2)."""
     nb = min(COL_BLOCK, flags["N2"])
     _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   num_warps=4, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+                                   WITH_DX=WITH_DX, num_warps=4, **({"maxnreg": MAXNREG} if MAXNREG else {}))

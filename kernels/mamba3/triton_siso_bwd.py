@@ -501,15 +501,18 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dg_final = _to_eo(d_ssm.float()).contiguous()
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
-    _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
-                                            *dx_strides, HAS_KB=has_kb, **flags)
-    if in_gluon("dk", v, flags):  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
+    dk_gluon = in_gluon("dk", v, flags)
+    if dk_gluon:
         from hybrid.kernels.mamba3 import gluon_siso_bwd
-
+    dx_in_dk = dk_gluon and gluon_siso_bwd.DK_WITH_DX  # the Gluon dk can add dx's local-state term itself
+    if not dx_in_dk:
+        _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
+                                                *dx_strides, HAS_KB=has_kb, **flags)
+    if dk_gluon:  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
         gluon_siso_bwd.chunk_scan_bwd_dk(
             (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], dlocal, dcsl, dy, dcs_part,
-            dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common[:-1], flags=flags, n_angles=S if has_rot else 0,
-            HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum)
+            dscale, dtheta, dkh, dkb_part, da, dtheta_tot, dx, *common[:-1], *dx_strides, flags=flags,
+            n_angles=S if has_rot else 0, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, WITH_DX=dx_in_dk)
     else:
         _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
                                                 dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot,
