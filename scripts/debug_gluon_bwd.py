@@ -43,6 +43,7 @@ def check_scan(nb: int) -> None:
 
 
 def compare_in_backward(B: int, T: int, H: int, mode: str, nb: int, rot: bool) -> None:
+    from hybrid.kernels.mamba3 import gluon_common
     from hybrid.kernels.mamba3 import gluon_siso_bwd as m
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
     from hybrid.kernels.mamba3.triton_siso_bwd import _chunk_scan_bwd_dk_tuned
@@ -50,7 +51,7 @@ def compare_in_backward(B: int, T: int, H: int, mode: str, nb: int, rot: bool) -
 
     os.environ["HYBRID_SCAN_DK"] = "gluon"
     os.environ["HYBRID_SCAN_GROUP_SUM"] = mode
-    m.COL_BLOCK = nb
+    gluon_common.COL_BLOCK = nb
     orig = m.chunk_scan_bwd_dk
     outs = {"DSCALE": 14, "DTHETA": 15, "DKH": 16, "DKB_PART": 17, "DA": 18, "DTHETA_TOT": 19}
 

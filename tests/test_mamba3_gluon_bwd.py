@@ -59,14 +59,14 @@ def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
 def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_sum, col_block):
     """The Gluon dq or dk (dk+dx: with dx's local-state term in it, the dx kernel skipped) against the Triton
     kernels, every input gradient."""
-    from hybrid.kernels.mamba3 import gluon_siso_bwd
+    from hybrid.kernels.mamba3 import gluon_common, gluon_siso_bwd
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are written for sm_90")
     kw = dict(CASES[case])
     if which == "dq" and kw["P"] % 64:
         pytest.skip("dq's Gluon kernel takes head sizes that are multiples of 64")
-    monkeypatch.setattr(gluon_siso_bwd, "COL_BLOCK", col_block)
+    monkeypatch.setattr(gluon_common, "COL_BLOCK", col_block)
     monkeypatch.setattr(gluon_siso_bwd, "DK_WITH_DX", which == "dk+dx")
     monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", group_sum)
     which = which.split("+")[0]

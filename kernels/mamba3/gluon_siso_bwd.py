@@ -24,52 +24,19 @@ from __future__ import annotations
 
 import os
 
-import torch
+from hybrid.kernels.mamba3 import gluon_common
+from hybrid.kernels.mamba3.gluon_common import (
+    _add,
+    _at_least_one,
+    _cos_sin,
+    _nvmma,
+    _scan_layout,
+    _tile_layout,
+)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.extra import libdevice
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
-
-
-@gluon.jit
-def _add(a, b):
-    return a + b
-
-
-@gluon.constexpr_function
-def _nvmma(shape, dtype):
-    """Swizzled shared layout a warpgroup MMA reads (and cp.async writes) for a (rows, cols) 16-bit tile."""
-    return gl.NVMMASharedLayout.get_default_for(shape, dtype)
-
-
-@gluon.constexpr_function
-def _at_least_one(n):
-    return max(n, 1)
-
-
-@gluon.constexpr_function
-def _tile_layout(cols, num_warps):
-    """Registers of a (rows, cols) 16-bit tile for loading: 16-byte vectors along a row, rows across lanes/warps."""
-    per_row = min(cols // 8, 32)
-    return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
-
-
-@gluon.constexpr_function
-def _scan_layout(cols, num_warps):
-    """Registers of a (rows, cols) fp32 tile scanned along its rows (angles, angle gradients)."""
-    per_row = min(cols, 32)
-    return gl.BlockedLayout([1, 1], [32 // per_row, per_row], [num_warps, 1], [1, 0])
-
-
-@gluon.jit
-def _cos_sin(theta):
-    """cos and sin from the hardware's approximate units after a two-step reduction to [-pi, pi], as the Triton
-    kernels take them (``triton_siso._cos_sin``)."""
-    turns = libdevice.rint(theta * 0.15915494309189535)
-    r = gl.fma(turns, -6.2831854820251465, theta)
-    r = gl.fma(turns, 1.7484556e-07, r)
-    return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
 
 
 @gluon.jit
@@ -486,8 +453,6 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
         gl.store(DD_PART + state, dd)
 
 
-# Pairs per column block of the Gluon kernels (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_GLUON_NB for A/B runs.
-COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
 # A register cap for A/B runs (0: none). 16-pair blocks at 168 registers (three programs an SM) tied the uncapped
 # 32-pair blocks; 32-pair blocks at 168 spill and lose (docs/perf-notes.md, eighteenth session).
 MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
@@ -496,20 +461,10 @@ MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
 DK_WITH_DX = os.environ.get("HYBRID_SCAN_DK_DX", "0") == "1"
 
 
-def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
-    """Whether the ``dq`` or ``dk`` kernel can run the launch: an sm_90 GPU, plain sequences, 16-bit activations, a
-    chunk of 64 (one warpgroup's MMA rows), a head size the MMAs take (dq's dG_in product has the head size as its
-    rows: a multiple of 64)."""
-    head_ok = flags["P"] % 64 == 0 if kernel == "dq" else flags["P"] % 16 == 0
-    return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
-            and v.dtype in (torch.bfloat16, torch.float16) and flags["C"] == 64 and head_ok
-            and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)
-
-
 def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool,
                       GROUP_SUM: bool) -> None:
     """Launches the query-side kernel on the Triton dq's grid with its arguments less SEQ and SEQ's stride."""
-    nb = min(COL_BLOCK, flags["N2"])
+    nb = min(gluon_common.COL_BLOCK, flags["N2"])
     _chunk_scan_bwd_dq_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB, HAS_D=HAS_D,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
@@ -520,8 +475,8 @@ def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
                       WITH_DX: bool = False) -> None:
     """Launches the key-side kernel on the Triton dk's grid (``args`` as ``mamba3_siso_chunk_bwd`` builds them: the
     Triton dk's less SEQ and SEQ's stride, plus dx and its row strides, which only WITH_DX uses); its own column
-    block of ``COL_BLOCK`` pairs (at most N / 2)."""
-    nb = min(COL_BLOCK, flags["N2"])
+    block of ``gluon_common.COL_BLOCK`` pairs (at most N / 2)."""
+    nb = min(gluon_common.COL_BLOCK, flags["N2"])
     _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
                                    ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
                                    ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,

@@ -393,7 +393,7 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     """Whether the backward's query-side (``dq``) or key-side (``dk``) kernel runs as its Gluon version
     (``gluon_siso_bwd.py``; on an H100 at 8 x 4096 the Gluon dk takes 0.86 ms where the Triton one takes 1.13).
     ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``: ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, 16-bit
-    activations, chunk 64; ``gluon_siso_bwd.applies``) under the Triton release it was written and tested against
+    activations, chunk 64; ``gluon_common.applies``) under the Triton release it was written and tested against
     (``GLUON_TRITON``: Gluon's API still moves between releases); ``gluon`` takes it wherever it applies; ``triton``
     never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
     name = f"HYBRID_SCAN_{kernel.upper()}"
@@ -404,9 +404,9 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
         return False
     if mode == "auto" and not triton.__version__.startswith(GLUON_TRITON):
         return False
-    from hybrid.kernels.mamba3 import gluon_siso_bwd
+    from hybrid.kernels.mamba3 import gluon_common
 
-    return gluon_siso_bwd.applies(kernel, v, flags)
+    return gluon_common.applies(kernel, v, flags)
 
 
 # The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
