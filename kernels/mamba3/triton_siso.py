@@ -641,6 +641,33 @@ def scan_strides(q, v, y, dt, om, seq) -> tuple[int, ...]:
             dt.stride(0), dt.stride(1), dt.stride(2), om.stride(0), om.stride(1), seq.stride(0))
 
 
+def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
+    """Whether the forward's two chunk kernels (``fwd``, ``gluon_siso.py``) or the backward's query-side (``dq``) or
+    key-side (``dk``) kernel (``gluon_siso_bwd.py``) run as their Gluon versions (on an H100 at 8 x 4096 the Gluon dk
+    takes 0.86 ms where the Triton one takes 1.13). ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
+    ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, 16-bit
+    activations, chunk 64; ``gluon_common.applies``) under the Triton release it was written and tested against
+    (``GLUON_TRITON``: Gluon's API still moves between releases); ``gluon`` takes it wherever it applies; ``triton``
+    never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
+    name = f"HYBRID_SCAN_{kernel.upper()}"
+    mode = os.environ.get(name, GLUON_DEFAULT[kernel])
+    if mode not in ("auto", "triton", "gluon"):
+        raise ValueError(f"{name} must be auto, triton or gluon, got {mode!r}")
+    if mode == "triton" or not v.is_cuda or flags["HAS_SEQ"]:
+        return False
+    if mode == "auto" and not triton.__version__.startswith(GLUON_TRITON):
+        return False
+    from hybrid.kernels.mamba3 import gluon_common
+
+    return gluon_common.applies(kernel, v, flags)
+
+
+# The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
+# (the forward's and dq's Gluon versions are not yet verified on a GPU: opt-in until they are).
+GLUON_TRITON = "3.6."
+GLUON_DEFAULT = {"fwd": "triton", "dq": "triton", "dk": "auto"}
+
+
 def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,
                   need_state=True):
     """The forward launches; also returns what the backward needs (a dict of tensors and flags). Without
@@ -676,8 +703,17 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     y = torch.empty(v.shape, device=dev, dtype=v.dtype)  # contiguous: dy arrives so (autograd, or .contiguous())
     strides = scan_strides(q, v, y, dt, om, seq)
     flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
-    _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
-                                          T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
+    fwd_gluon = in_gluon("fwd", v, flags)
+    if fwd_gluon:  # the same kernels written for Hopper (gluon_siso.py): no SEQ on plain sequences
+        from hybrid.kernels.mamba3 import gluon_siso
+    n_angles = S if omega is not None else 0
+    if fwd_gluon:
+        gluon_siso.chunk_state_fwd((nc, Bsz * H), k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
+                                   T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=n_angles,
+                                   HAS_KB=k_bias is not None)
+    else:
+        _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
+                                              T, H, S, nc, H // G, *strides, HAS_KB=k_bias is not None, **flags)
 
     # G_{-1} = H_{-1} + beta'_0 x_{-1} k_{-1}^T: the previous token's trapezoid half not yet in the state.
     g0 = torch.zeros(Bsz, H, P, N, device=dev, dtype=torch.float32)
@@ -687,9 +723,15 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
         g0 = _to_eo(initial_state.ssm.float() + beta0[..., None, None] * prev).contiguous()
     g_in, g_final = state_passing_fwd(local, cs_last, g0)  # g_in in the chunk states' storage type; adds in fp32
 
-    _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt, theta_off,
-                                         seq, g_in, y, T, H, S, nc, H // G, *strides, HAS_QB=q_bias is not None,
-                                         HAS_KB=k_bias is not None, HAS_D=D is not None, **flags)
+    if fwd_gluon:
+        gluon_siso.chunk_scan_fwd((nc, Bsz * H), q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt,
+                                  theta_off, g_in, y, T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=n_angles,
+                                  HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_D=D is not None)
+    else:
+        _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt,
+                                             theta_off, seq, g_in, y, T, H, S, nc, H // G, *strides,
+                                             HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_D=D is not None,
+                                             **flags)
 
     state = None
     if need_state:  # final cache: last token's biased key rotated with its own angle, and its raw value

@@ -55,6 +55,7 @@ from hybrid.kernels.mamba3.triton_siso import (
     _unrotate,
     cumsum_dim1,
     empty_rows,
+    in_gluon,
     kernel_flags,
     restart_cumsum,
     row_strides,
@@ -387,32 +388,6 @@ def coef_grads(dscale: torch.Tensor, dgamma: torch.Tensor, dt: torch.Tensor, lam
         BT=BT, BH=BH, BS=BS, HAS_SEQ=seq_idx is not None, HAS_ROT=has_rot, ANGLE_DT=angle_dt, LATER_ROWS=later_rows,
         num_warps=COEF_WARPS)
     return d_dt, d_lam, d_omega
-
-
-def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
-    """Whether the backward's query-side (``dq``) or key-side (``dk``) kernel runs as its Gluon version
-    (``gluon_siso_bwd.py``; on an H100 at 8 x 4096 the Gluon dk takes 0.86 ms where the Triton one takes 1.13).
-    ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``: ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, 16-bit
-    activations, chunk 64; ``gluon_common.applies``) under the Triton release it was written and tested against
-    (``GLUON_TRITON``: Gluon's API still moves between releases); ``gluon`` takes it wherever it applies; ``triton``
-    never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
-    name = f"HYBRID_SCAN_{kernel.upper()}"
-    mode = os.environ.get(name, GLUON_DEFAULT[kernel])
-    if mode not in ("auto", "triton", "gluon"):
-        raise ValueError(f"{name} must be auto, triton or gluon, got {mode!r}")
-    if mode == "triton" or not v.is_cuda or flags["HAS_SEQ"]:
-        return False
-    if mode == "auto" and not triton.__version__.startswith(GLUON_TRITON):
-        return False
-    from hybrid.kernels.mamba3 import gluon_common
-
-    return gluon_common.applies(kernel, v, flags)
-
-
-# The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
-# (dq's Gluon version is new and not yet measured on a GPU: opt-in until it is).
-GLUON_TRITON = "3.6."
-GLUON_DEFAULT = {"dq": "triton", "dk": "auto"}
 
 
 def group_sums_by_atomics(device: torch.device) -> bool:

@@ -1,5 +1,5 @@
-"""The Gluon (Hopper) backward kernels (``gluon_siso_bwd.py``: query side dq, key side dk) against the Triton ones they
-replace on an H100.
+"""The Gluon (Hopper) chunk kernels (``gluon_siso.py``: the forward's two; ``gluon_siso_bwd.py``: query side dq, key
+side dk) against the Triton ones they replace on an H100.
 
 Gluon has no interpreter: the comparison runs only on an sm_90 GPU (``gpu`` mark). The Triton kernel is the one
 tested against the float64 reference on the CPU, so matching it at real shapes in bf16 is the check here.
@@ -21,51 +21,56 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["dq", "dk"])
+@pytest.mark.parametrize("kernel", ["fwd", "dq", "dk"])
 def test_gluon_selection_and_a_bad_value(monkeypatch, kernel):
-    from hybrid.kernels.mamba3 import triton_siso_bwd
-    from hybrid.kernels.mamba3.triton_siso import kernel_flags
+    from hybrid.kernels.mamba3.triton_siso import in_gluon, kernel_flags
 
     flags = kernel_flags(64, 128, 64, 32, True)
     v = torch.zeros(1, 64, 2, 64, dtype=torch.bfloat16)
     name = f"HYBRID_SCAN_{kernel.upper()}"
     for mode in ("auto", "gluon", "triton"):  # never on the CPU: the Triton kernels run there
         monkeypatch.setenv(name, mode)
-        assert not triton_siso_bwd.in_gluon(kernel, v, flags)
+        assert not in_gluon(kernel, v, flags)
     monkeypatch.setenv(name, "cuda")
     with pytest.raises(ValueError, match=f"{name} must be auto, triton or gluon"):
-        triton_siso_bwd.in_gluon(kernel, v, flags)
+        in_gluon(kernel, v, flags)
 
 
 def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
-    """Gradients with the ``which`` kernel (dq or dk) run as ``kernel`` (gluon or triton), the other one Triton's."""
+    """Output and gradients with the ``which`` kernel (fwd, dq or dk) run as ``kernel`` (gluon or triton), the others
+    as Triton's."""
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
 
-    for name in ("dq", "dk"):
+    for name in ("fwd", "dq", "dk"):
         monkeypatch.setenv(f"HYBRID_SCAN_{name.upper()}", kernel if name == which else "triton")
     leaves = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v).detach().clone().requires_grad_(True)
               for k, v in inp.items() if v is not None}
     y, _ = mamba3_siso_chunk(**leaves, angle_dt=angle_dt, initial_state=st, chunk_size=64)
     gen = torch.Generator(device="cuda").manual_seed(1)
     (y.float() * torch.randn(y.shape, generator=gen, device="cuda")).sum().backward()
-    return {k: leaves[k].grad.float() for k in NAMES if k in leaves and leaves[k].grad is not None}
+    grads = {k: leaves[k].grad.float() for k in NAMES if k in leaves and leaves[k].grad is not None}
+    return {"y": y.detach().float(), **grads}
+
+
+# Every kernel at every case in both group-sum modes with the default 32-pair column blocks, and 16-pair blocks on
+# the ragged case (the forward writes no dq / dk, so one mode is enough for it).
+GPU_PARAMS = [(w, case, gs, 32) for w in ("fwd", "dq", "dk", "dk+dx") for case in CASES
+              for gs in (("store",) if w == "fwd" else ("store", "atomic"))]
+GPU_PARAMS += [(w, "rope-half-ragged", "store", 16) for w in ("fwd", "dq", "dk", "dk+dx")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("col_block", [16, 32])
-@pytest.mark.parametrize("group_sum", ["store", "atomic"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("which", ["dq", "dk", "dk+dx"])
+@pytest.mark.parametrize("which,case,group_sum,col_block", GPU_PARAMS)
 def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_sum, col_block):
-    """The Gluon dq or dk (dk+dx: with dx's local-state term in it, the dx kernel skipped) against the Triton
-    kernels, every input gradient."""
+    """The Gluon forward kernels, dq or dk (dk+dx: with dx's local-state term in it, the dx kernel skipped) against
+    the Triton kernels: the output and every input gradient."""
     from hybrid.kernels.mamba3 import gluon_common, gluon_siso_bwd
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are written for sm_90")
     kw = dict(CASES[case])
-    if which == "dq" and kw["P"] % 64:
-        pytest.skip("dq's Gluon kernel takes head sizes that are multiples of 64")
+    if which in ("fwd", "dq") and kw["P"] % 64:
+        pytest.skip("this Gluon kernel takes head sizes that are multiples of 64")
     monkeypatch.setattr(gluon_common, "COL_BLOCK", col_block)
     monkeypatch.setattr(gluon_siso_bwd, "DK_WITH_DX", which == "dk+dx")
     monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", group_sum)
