@@ -58,9 +58,10 @@ def _cos_sin(theta):
 
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     """Whether a Gluon kernel (``fwd``: the forward's two chunk kernels; ``dq``, ``dk``) can run the launch: an sm_90
-    GPU, plain sequences, 16-bit activations, a chunk of 64 (one warpgroup's MMA rows), a head size the MMAs take
-    (products with the head size as their rows, dq's dG_in and the forward's chunk state, need a multiple of 64)."""
+    GPU, plain sequences, bf16 activations (the type tested; fp16 would need its own GPU run), a chunk of 64 (one
+    warpgroup's MMA rows), a head size the MMAs take (products with the head size as their rows, dq's dG_in and the
+    forward's chunk state, need a multiple of 64)."""
     head_ok = flags["P"] % 64 == 0 if kernel in ("dq", "fwd") else flags["P"] % 16 == 0
     return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
-            and v.dtype in (torch.bfloat16, torch.float16) and flags["C"] == 64 and head_ok
+            and v.dtype == torch.bfloat16 and flags["C"] == 64 and head_ok
             and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)

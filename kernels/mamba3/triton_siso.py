@@ -645,10 +645,9 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     """Whether the forward's two chunk kernels (``fwd``, ``gluon_siso.py``) or the backward's query-side (``dq``) or
     key-side (``dk``) kernel (``gluon_siso_bwd.py``) run as their Gluon versions (on an H100 at 8 x 4096 the Gluon dk
     takes 0.86 ms where the Triton one takes 1.13). ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
-    ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, 16-bit
-    activations, chunk 64; ``gluon_common.applies``) under the Triton release it was written and tested against
-    (``GLUON_TRITON``: Gluon's API still moves between releases); ``gluon`` takes it wherever it applies; ``triton``
-    never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
+    ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, bf16 activations, chunk 64;
+    ``gluon_common.applies``) under the Triton release it was written and tested against (``GLUON_TRITON``: Gluon's
+    API still moves between releases); ``gluon`` takes it wherever it applies; ``triton`` never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
     name = f"HYBRID_SCAN_{kernel.upper()}"
     mode = os.environ.get(name, GLUON_DEFAULT[kernel])
     if mode not in ("auto", "triton", "gluon"):
