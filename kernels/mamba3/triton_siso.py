@@ -647,7 +647,8 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     takes 0.86 ms where the Triton one takes 1.13). ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
     ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, bf16 activations, chunk 64;
     ``gluon_common.applies``) under the Triton release it was written and tested against (``GLUON_TRITON``: Gluon's
-    API still moves between releases); ``gluon`` takes it wherever it applies; ``triton`` never. Defaults in ``GLUON_DEFAULT``. The module is imported only when asked for."""
+    API still moves between releases); ``gluon`` takes it wherever it applies; ``triton`` never. Defaults in
+    ``GLUON_DEFAULT``. The module is imported only when asked for."""
     name = f"HYBRID_SCAN_{kernel.upper()}"
     mode = os.environ.get(name, GLUON_DEFAULT[kernel])
     if mode not in ("auto", "triton", "gluon"):
