@@ -11,6 +11,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.extra import libdevice
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 # Pairs per column block of the Gluon kernels (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_GLUON_NB for A/B runs.
 COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
@@ -54,6 +55,104 @@ def _cos_sin(theta):
     r = gl.fma(turns, -6.2831854820251465, theta)
     r = gl.fma(turns, 1.7484556e-07, r)
     return libdevice.fast_cosf(r), libdevice.fast_sinf(r)
+
+
+@gluon.jit
+def _program(H, heads_per_group, nc, HEADS_FIRST: gl.constexpr):
+    """This program's chunk c, sequence b, head h, group g and its row of the (B, nc, H, ...) per-chunk tensors, on
+    the (chunks, B * H) grid numbered as ``triton_siso._chunk_and_head`` does."""
+    if HEADS_FIRST:
+        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
+        c = pid // gl.num_programs(1)
+        bh = pid % gl.num_programs(1)
+    else:
+        c = gl.program_id(0).to(gl.int64)
+        bh = gl.program_id(1).to(gl.int64)
+    b = bh // H
+    h = bh % H
+    return c, b, h, h // heads_per_group, (b * nc + c) * H + h
+
+
+@gluon.jit
+def _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C: gl.constexpr, VEC: gl.constexpr):
+    """Per-token coefficients of one chunk (as ``triton_siso._chunk_coeffs``, plain sequences): cumulative
+    log-decay, key weight scale (gamma + the next token's beta'), gamma, dt, and the tokens' mask."""
+    tv = c * C + gl.arange(0, C, layout=VEC)
+    tvm = tv < T
+    coef = b * s_ab + tv * s_at + h * s_ah
+    a = gl.load(A + coef, mask=tvm, other=0.0).to(gl.float32)
+    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(gl.float32)
+    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(gl.float32)
+    nmask = (tv + 1) < T
+    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(gl.float32)
+    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(gl.float32)
+    gamma = lam * dt
+    return gl.associative_scan(a, 0, _add), gamma + dtn * (1.0 - lamn), gamma, dt, tvm
+
+
+@gluon.jit
+def _copy_rows(DST, PTR, b, c, h, T, s_b, s_t, s_h, C: gl.constexpr, P: gl.constexpr, LAYOUT: gl.constexpr):
+    """cp.async of a chunk's (C, P) rows of one head, PTR + b s_b + t s_t + h s_h + p, into DST (zeros past T)."""
+    t = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LAYOUT))
+    p = gl.arange(0, P, layout=gl.SliceLayout(0, LAYOUT))
+    async_copy.async_copy_global_to_shared(DST, PTR + b * s_b + t[:, None] * s_t + h * s_h + p[None, :],
+                                           mask=(t < T)[:, None])
+
+
+@gluon.jit
+def _copy_chunk_blocks(q_s, k_s, st_s, Q, K, ST, qk_base, t0, s_kt, T, st_row, C: gl.constexpr, P: gl.constexpr,
+                       N2: gl.constexpr, NB: gl.constexpr, LAYOUT: gl.constexpr):
+    """cp.async of a chunk's q and k rows (C, N), Q / K + qk_base + t s_kt (zeros from T on), and of one (P, N) state,
+    ST + st_row + p N, into the 2 N2 / NB column blocks of q_s, k_s and st_s. Channels are stored as [even | odd]
+    halves: block i holds half i // (N2 / NB), pairs (i % (N2 / NB)) NB + [0, NB). The three copies of a block are
+    issued together (issuing all of q first cost dk six more barriers, offline)."""
+    NBLK: gl.constexpr = N2 // NB
+    tb = t0 + gl.arange(0, C, layout=gl.SliceLayout(1, LAYOUT))
+    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LAYOUT))
+    pb = gl.arange(0, P, layout=gl.SliceLayout(1, LAYOUT))
+    tbm = (tb < T)[:, None]
+    qk_rows = qk_base + tb[:, None] * s_kt + nbl[None, :]
+    st_rows = ST + st_row + pb[:, None] * (2 * N2) + nbl[None, :]
+    for i in gl.static_range(2 * NBLK):
+        col = (i // NBLK) * N2 + (i % NBLK) * NB
+        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
+        async_copy.async_copy_global_to_shared(st_s.index(i), st_rows + col)
+
+
+@gluon.jit
+def _biased_pairs(E_S, O_S, BIAS, h, j, HAS_BIAS: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr,
+                  LAYOUT: gl.constexpr):
+    """Column block j's even / odd (C, NB) tiles from shared memory plus the head's bias, in fp32 registers."""
+    nb = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, LAYOUT))
+    e = E_S.load(LAYOUT).to(gl.float32)
+    o = O_S.load(LAYOUT).to(gl.float32)
+    if HAS_BIAS:
+        e += gl.load(BIAS + h * 2 * N2 + nb).to(gl.float32)[None, :]
+        o += gl.load(BIAS + h * 2 * N2 + N2 + nb).to(gl.float32)[None, :]
+    return e, o
+
+
+@gluon.jit
+def _block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT: gl.constexpr, NB: gl.constexpr,
+                  C: gl.constexpr, LAYOUT: gl.constexpr, SC: gl.constexpr):
+    """Cumulative angles (C, NB) of column block j's pairs for one chunk and head (0 past S), in ``LAYOUT``: the
+    in-chunk sum of dt * omega (or omega) is scanned in the blocked layout SC (scans do not lower on MMA layouts)
+    and the chunk's entry angle added."""
+    ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
+    ns = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, SC))
+    sm = ns < S
+    om = gl.load(OMEGA + b * s_ob + ts[:, None] * s_ot + ns[None, :], mask=(ts < T)[:, None] & sm[None, :],
+                 other=0.0).to(gl.float32)
+    if ANGLE_DT:
+        om = om * gl.convert_layout(dt, gl.SliceLayout(1, SC))[:, None]
+    theta = gl.associative_scan(om, 0, _add) + gl.load(THETA_OFF + state * S + ns, mask=sm, other=0.0)[None, :]
+    return gl.convert_layout(theta, LAYOUT)
+
+
+@gluon.jit
+def _rotate(e, o, cos, sin):
+    return e * cos - o * sin, e * sin + o * cos
 
 
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:

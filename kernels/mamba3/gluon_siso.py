@@ -12,69 +12,23 @@ from __future__ import annotations
 import os
 
 from hybrid.kernels.mamba3 import gluon_common
-from hybrid.kernels.mamba3.gluon_common import _add, _cos_sin, _nvmma, _scan_layout, _tile_layout
+from hybrid.kernels.mamba3.gluon_common import (
+    _biased_pairs,
+    _block_angles,
+    _coeffs,
+    _copy_chunk_blocks,
+    _copy_rows,
+    _cos_sin,
+    _nvmma,
+    _program,
+    _rotate,
+    _scan_layout,
+    _tile_layout,
+)
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
-
-
-@gluon.jit
-def _program(HEADS_FIRST: gl.constexpr):
-    """(chunk c, b * H + h) of this program, as ``triton_siso._chunk_and_head``."""
-    if HEADS_FIRST:
-        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
-        c = pid // gl.num_programs(1)
-        bh = pid % gl.num_programs(1)
-    else:
-        c = gl.program_id(0).to(gl.int64)
-        bh = gl.program_id(1).to(gl.int64)
-    return c, bh
-
-
-@gluon.jit
-def _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C: gl.constexpr, VEC: gl.constexpr):
-    """Per-token coefficients of one chunk (as ``triton_siso._chunk_coeffs``, plain sequences): cumulative
-    log-decay, key weight scale (gamma + the next token's beta'), gamma, dt, and the tokens' mask."""
-    tv = c * C + gl.arange(0, C, layout=VEC)
-    tvm = tv < T
-    coef = b * s_ab + tv * s_at + h * s_ah
-    a = gl.load(A + coef, mask=tvm, other=0.0).to(gl.float32)
-    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(gl.float32)
-    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(gl.float32)
-    nmask = (tv + 1) < T
-    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(gl.float32)
-    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(gl.float32)
-    gamma = lam * dt
-    return gl.associative_scan(a, 0, _add), gamma + dtn * (1.0 - lamn), gamma, dt, tvm
-
-
-@gluon.jit
-def _rotate_block(E_S, O_S, BIAS, OMEGA, THETA_OFF, dt, b, h, c, state, T, S, s_ob, s_ot, j, ROT: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, ANGLE_DT: gl.constexpr, N: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr,
-                  C: gl.constexpr, LAYOUT: gl.constexpr, SC: gl.constexpr):
-    """One column block's even / odd tiles (C, NB) from shared memory, biased and (ROT) rotated by the tokens'
-    cumulative angles, in fp32 registers of ``LAYOUT``; also cos and sin (meaningless without ROT)."""
-    nb = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, LAYOUT))
-    e = E_S.load(LAYOUT).to(gl.float32)
-    o = O_S.load(LAYOUT).to(gl.float32)
-    if HAS_BIAS:
-        e += gl.load(BIAS + h * N + nb).to(gl.float32)[None, :]
-        o += gl.load(BIAS + h * N + N2 + nb).to(gl.float32)[None, :]
-    cos = e
-    sin = o
-    if ROT:
-        ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
-        ns = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, SC))
-        sm = ns < S
-        om = gl.load(OMEGA + b * s_ob + ts[:, None] * s_ot + ns[None, :], mask=(ts < T)[:, None] & sm[None, :],
-                     other=0.0).to(gl.float32)
-        if ANGLE_DT:
-            om = om * gl.convert_layout(dt, gl.SliceLayout(1, SC))[:, None]
-        theta = gl.associative_scan(om, 0, _add) + gl.load(THETA_OFF + state * S + ns, mask=sm, other=0.0)[None, :]
-        cos, sin = _cos_sin(gl.convert_layout(theta, LAYOUT))
-        e, o = e * cos - o * sin, e * sin + o * cos
-    return e, o, cos, sin
 
 
 @gluon.jit
@@ -94,18 +48,11 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
     SC: gl.constexpr = _scan_layout(NB, num_warps)
 
-    c, bh = _program(HEADS_FIRST)
-    b = bh // H
-    h = bh % H
-    g = h // heads_per_group
-    state = (b * nc + c) * H + h
+    c, b, h, g, state = _program(H, heads_per_group, nc, HEADS_FIRST)
 
     x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
     k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
-    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
-    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
-    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
-                                           mask=(tp < T)[:, None])
+    _copy_rows(x_s, X, b, c, h, T, s_xb8 * 8, s_xt8 * 8, s_xh, C, P, LD_P)
     tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
     k_rows = K + b * s_kb + g * s_kg + tb[:, None] * s_kt + gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))[None, :]
     for i in gl.static_range(2 * NBLK):
@@ -124,8 +71,11 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
     async_copy.wait_group(0)
     gl.thread_barrier()
     for j in gl.static_range(NBLK):
-        kE, kO, cos, sin = _rotate_block(k_s.index(j), k_s.index(NBLK + j), KB, OMEGA, THETA_OFF, dt, b, h, c, state, T,
-                                         S, s_ob, s_ot, j, j < ROT_BLOCKS, HAS_KB, ANGLE_DT, N, N2, NB, C, ACC_B, SC)
+        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
+        if j < ROT_BLOCKS:
+            cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
+                                              ACC_B, SC))
+            kE, kO = _rotate(kE, kO, cos, sin)
         kw_s.index(0).store((kE * w_end[:, None]).to(dtype))
         kw_s.index(1).store((kO * w_end[:, None]).to(dtype))
         gl.thread_barrier()
@@ -161,29 +111,15 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
     SC: gl.constexpr = _scan_layout(NB, num_warps)
 
-    c, bh = _program(HEADS_FIRST)
-    b = bh // H
-    h = bh % H
-    g = h // heads_per_group
-    state = (b * nc + c) * H + h
+    c, b, h, g, state = _program(H, heads_per_group, nc, HEADS_FIRST)
 
     x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     g_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
-    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
-    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
-    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
-                                           mask=(tp < T)[:, None])
-    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
-    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
-    qk_rows = b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
-    g_rows = G_IN + state * P * N + gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))[:, None] * N + nbl[None, :]
-    for i in gl.static_range(2 * NBLK):
-        col = (i // NBLK) * N2 + (i % NBLK) * NB
-        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=(tb < T)[:, None])
-        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=(tb < T)[:, None])
-        async_copy.async_copy_global_to_shared(g_s.index(i), g_rows + col)
+    _copy_rows(x_s, X, b, c, h, T, s_xb8 * 8, s_xt8 * 8, s_xh, C, P, LD_P)
+    _copy_chunk_blocks(q_s, k_s, g_s, Q, K, G_IN, b * s_kb + g * s_kg, c * C, s_kt, T, state * P * N, C, P, N2, NB,
+                       LD_B)
     async_copy.commit_group()
 
     # (C, C) weights [query j, key i] while the copies fly
@@ -200,10 +136,16 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
     async_copy.wait_group(0)
     gl.thread_barrier()
     for j in gl.static_range(NBLK):
-        qE, qO, cos, sin = _rotate_block(q_s.index(j), q_s.index(NBLK + j), QB, OMEGA, THETA_OFF, dt, b, h, c, state, T,
-                                         S, s_ob, s_ot, j, j < ROT_BLOCKS, HAS_QB, ANGLE_DT, N, N2, NB, C, ACC_B, SC)
-        kE, kO, cos, sin = _rotate_block(k_s.index(j), k_s.index(NBLK + j), KB, OMEGA, THETA_OFF, dt, b, h, c, state, T,
-                                         S, s_ob, s_ot, j, j < ROT_BLOCKS, HAS_KB, ANGLE_DT, N, N2, NB, C, ACC_B, SC)
+        # q rotated before k is read, so that only one of them is in flight with its cos / sin (179 registers; both
+        # read first took 235, offline)
+        qE, qO = _biased_pairs(q_s.index(j), q_s.index(NBLK + j), QB, h, j, HAS_QB, N2, NB, ACC_B)
+        if j < ROT_BLOCKS:
+            cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
+                                              ACC_B, SC))
+            qE, qO = _rotate(qE, qO, cos, sin)
+        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
+        if j < ROT_BLOCKS:
+            kE, kO = _rotate(kE, kO, cos, sin)
         gl.thread_barrier()  # every warp has read the raw tiles
         q_s.index(j).store(qE.to(dtype))
         q_s.index(NBLK + j).store(qO.to(dtype))

@@ -1,23 +1,27 @@
-"""Gluon (Hopper) version of the SISO scan's key-side backward kernel, ``_chunk_scan_bwd_dk``, for plain sequences.
+"""Gluon (Hopper) versions of the SISO scan's two big backward kernels, ``_chunk_scan_bwd_dk`` (key side) and
+``_chunk_scan_bwd_dq`` (query side), for plain sequences.
 
-Same inputs, outputs and math as the Triton kernel in ``triton_siso_bwd.py`` (the formulas are there); that kernel
-stays the reference, the CPU-tested path (Gluon has no interpreter) and the fallback for packed documents.
+Same inputs, outputs and math as the Triton kernels in ``triton_siso_bwd.py`` (the formulas are there); those stay
+the reference, the CPU-tested path (Gluon has no interpreter) and the fallback for packed documents.
 
-Why a second implementation: the Triton kernel runs its three products on mma.sync (Triton 3.6's wgmma path
-faulted on it), staging every operand through registers and shared memory, and loads its tiles synchronously in
-its column loop; at 255 registers two programs share an SM and each waits ~7 cycles per instruction
+Why second implementations: the Triton dk runs its three products on mma.sync (Triton 3.6's wgmma path faulted on
+it), staging every operand through registers and shared memory, and both load their tiles synchronously in their
+column loops; at 255 registers two programs share an SM and each waits ~7 cycles per instruction
 (``docs/perf-notes.md``, "Eighteenth session"). Here, written against the hardware:
 
-- at the start every input tile (x, dy, the chunk's q / k blocks, the local-state gradient dL) goes to shared memory
-  by cp.async, so the loads overlap the coefficient work and hold no registers;
-- the three products are warpgroup MMAs reading shared memory: x dy^T and x dL straight from those buffers;
-  a1t = (x dy^T) * w^T is written back once (8 KB) as the A operand of a1t @ q_rot, whose initial accumulator is
-  the local-state term e * (x dL), so that sum costs nothing;
-- rotated q goes registers -> shared memory once per column block (the MMA's B operand must be in shared memory).
+- at the start every input tile (x, dy, the chunk's q / k blocks, the state or state-gradient tile) goes to shared
+  memory by cp.async, so the loads overlap the coefficient work and hold no registers;
+- every product is a warpgroup MMA reading shared memory, the MMA transposing its operands itself; products of
+  register values (a1 / a1t, sw, dy e^{cs}, rotated q / k) are written there once: with an A operand in registers
+  Triton 3.6's wgmma faulted;
+- dk: the local-state term e * (x dL) is the initial accumulator of a1t @ q_rot; optionally (WITH_DX) dx's local-state
+  term k_rot dL^T as a fourth product, so the dx kernel goes;
+- dq: q and k are rotated once (q into its own buffer: its elementwise terms use fp32 q, rotated again from the kept
+  angles, since the angle-rate gradient is sensitive to q's bf16 rounding).
 
-Supports what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by
-dt or not, heads numbered first or not, dk summed over a group's heads by atomics or stored per head. Needs an
-sm_90 GPU and Triton's Gluon (3.6 API).
+On an H100 at 8 x 4096: dk 0.86 ms (Triton 1.13), dq 1.16 (Triton 1.48; measured before the fp32 fix). Both support
+what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by dt or not,
+heads numbered first or not, dq / dk summed over a group's heads by atomics or stored per head.
 """
 
 from __future__ import annotations
@@ -28,8 +32,15 @@ from hybrid.kernels.mamba3 import gluon_common
 from hybrid.kernels.mamba3.gluon_common import (
     _add,
     _at_least_one,
+    _biased_pairs,
+    _block_angles,
+    _coeffs,
+    _copy_chunk_blocks,
+    _copy_rows,
     _cos_sin,
     _nvmma,
+    _program,
+    _rotate,
     _scan_layout,
     _tile_layout,
 )
@@ -64,58 +75,24 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
     SC: gl.constexpr = _scan_layout(NB, num_warps)
 
-    if HEADS_FIRST:
-        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
-        c = pid // gl.num_programs(1)
-        bh = pid % gl.num_programs(1)
-    else:
-        c = gl.program_id(0).to(gl.int64)
-        bh = gl.program_id(1).to(gl.int64)
-    b = bh // H
-    h = bh % H
-    g = h // heads_per_group
-    state = (b * nc + c) * H + h  # row of the (B, nc, H, ...) per-chunk tensors
+    c, b, h, g, state = _program(H, heads_per_group, nc, HEADS_FIRST)
 
     # -- every input tile to shared memory, in two groups: (x, dy) first, for the first product.
     x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
     dy_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
-    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
-    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
-    tpm = (tp < T)[:, None]
-    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
-                                           mask=tpm)
-    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+    _copy_rows(x_s, X, b, c, h, T, s_xb8 * 8, s_xt8 * 8, s_xh, C, P, LD_P)
+    _copy_rows(dy_s, DY, b, c, h, T, s_yb, s_yt, s_xh, C, P, LD_P)
     async_copy.commit_group()
-    # Column block i of 2 * NBLK: half i // NBLK (even, odd channels), pairs (i % NBLK) * NB + [0, NB).
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     dl_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
-    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
-    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
-    pb = gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))
-    tbm = (tb < T)[:, None]
-    qk_rows = b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
-    dl_rows = DLOCAL + state * P * N + pb[:, None] * N + nbl[None, :]
-    for i in gl.static_range(2 * NBLK):
-        col = (i // NBLK) * N2 + (i % NBLK) * NB
-        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
+    _copy_chunk_blocks(q_s, k_s, dl_s, Q, K, DLOCAL, b * s_kb + g * s_kg, c * C, s_kt, T, state * P * N, C, P, N2, NB,
+                       LD_B)
     async_copy.commit_group()
 
-    # -- per-token coefficients while the copies fly (as _chunk_coeffs, plain sequences)
-    tv = c * C + gl.arange(0, C, layout=VEC)
-    tvm = tv < T
-    coef = b * s_ab + tv * s_at + h * s_ah
-    a = gl.load(A + coef, mask=tvm, other=0.0).to(f32)
-    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(f32)
-    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(f32)
-    nmask = (tv + 1) < T
-    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(f32)
-    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(f32)
-    gamma = lam * dt
-    scale = gamma + dtn * (1.0 - lamn)
-    cs = gl.associative_scan(a, 0, _add)
+    # -- per-token coefficients while the copies fly
+    cs, scale, gamma, dt, tvm = _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C, VEC)
+    coef = b * s_ab + (c * C + gl.arange(0, C, layout=VEC)) * s_at + h * s_ah
     cs_last = gl.min(cs, axis=0)
     to_end_w = gl.where(tvm, gl.exp(cs_last - cs), 0.0)
 
@@ -266,58 +243,24 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     SC: gl.constexpr = _scan_layout(NB, num_warps)
     FLAT: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
 
-    if HEADS_FIRST:
-        pid = gl.program_id(1).to(gl.int64) * gl.num_programs(0) + gl.program_id(0)
-        c = pid // gl.num_programs(1)
-        bh = pid % gl.num_programs(1)
-    else:
-        c = gl.program_id(0).to(gl.int64)
-        bh = gl.program_id(1).to(gl.int64)
-    b = bh // H
-    h = bh % H
-    g = h // heads_per_group
-    state = (b * nc + c) * H + h
+    c, b, h, g, state = _program(H, heads_per_group, nc, HEADS_FIRST)
 
     # -- input tiles to shared memory: (x, dy) first, then q / k blocks and the entering state G.
     x_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
     dy_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
-    tp = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_P))
-    pp = gl.arange(0, P, layout=gl.SliceLayout(0, LD_P))
-    tpm = (tp < T)[:, None]
-    async_copy.async_copy_global_to_shared(x_s, X + b * (s_xb8 * 8) + tp[:, None] * (s_xt8 * 8) + h * s_xh + pp[None, :],
-                                           mask=tpm)
-    async_copy.async_copy_global_to_shared(dy_s, DY + b * s_yb + tp[:, None] * s_yt + h * s_xh + pp[None, :], mask=tpm)
+    _copy_rows(x_s, X, b, c, h, T, s_xb8 * 8, s_xt8 * 8, s_xh, C, P, LD_P)
+    _copy_rows(dy_s, DY, b, c, h, T, s_yb, s_yt, s_xh, C, P, LD_P)
     async_copy.commit_group()
     q_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
     qr_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))  # q biased and rotated
     g_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
-    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
-    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
-    pb = gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))
-    tbm = (tb < T)[:, None]
-    qk_rows = b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
-    g_rows = G_IN + state * P * N + pb[:, None] * N + nbl[None, :]
-    for i in gl.static_range(2 * NBLK):
-        col = (i // NBLK) * N2 + (i % NBLK) * NB
-        async_copy.async_copy_global_to_shared(q_s.index(i), Q + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(k_s.index(i), K + qk_rows + col, mask=tbm)
-        async_copy.async_copy_global_to_shared(g_s.index(i), g_rows + col)
+    _copy_chunk_blocks(q_s, k_s, g_s, Q, K, G_IN, b * s_kb + g * s_kg, c * C, s_kt, T, state * P * N, C, P, N2, NB,
+                       LD_B)
     async_copy.commit_group()
 
-    # -- per-token coefficients (as _chunk_coeffs, plain sequences) and the (C, C) weights [query j, key i]
-    tv = c * C + gl.arange(0, C, layout=VEC)
-    tvm = tv < T
-    coef = b * s_ab + tv * s_at + h * s_ah
-    a = gl.load(A + coef, mask=tvm, other=0.0).to(f32)
-    dt = gl.load(DT + coef, mask=tvm, other=0.0).to(f32)
-    lam = gl.load(LAM + coef, mask=tvm, other=0.0).to(f32)
-    nmask = (tv + 1) < T
-    dtn = gl.load(DT + coef + s_at, mask=nmask, other=0.0).to(f32)
-    lamn = gl.load(LAM + coef + s_at, mask=nmask, other=1.0).to(f32)
-    gamma = lam * dt
-    scale = gamma + dtn * (1.0 - lamn)
-    cs = gl.associative_scan(a, 0, _add)
+    # -- per-token coefficients and the (C, C) weights [query j, key i]
+    cs, scale, gamma, dt, tvm = _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C, VEC)
     jr = gl.arange(0, C, layout=ROW_C)
     ic = gl.arange(0, C, layout=COL_C)
     below = jr[:, None] > ic[None, :]
@@ -334,36 +277,18 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     # -- q and k biased and rotated once, in place; the angles kept for un-rotating dq in the column loop.
     t = c * C + gl.arange(0, C, layout=ROW_B)
     tmask = t < T
-    ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
-    tsm = ts < T
     th_s = gl.allocate_shared_memory(f32, [_at_least_one(ROT_BLOCKS), C, NB], FLAT)
     async_copy.wait_group(0)
     gl.thread_barrier()
     for j in gl.static_range(NBLK):
-        nb = j * NB + gl.arange(0, NB, layout=COL_B)
-        qE = q_s.index(j).load(ACC_B).to(f32)
-        qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
-        kE = k_s.index(j).load(ACC_B).to(f32)
-        kO = k_s.index(NBLK + j).load(ACC_B).to(f32)
-        if HAS_QB:
-            qE += gl.load(QB + h * N + nb).to(f32)[None, :]
-            qO += gl.load(QB + h * N + N2 + nb).to(f32)[None, :]
-        if HAS_KB:
-            kE += gl.load(KB + h * N + nb).to(f32)[None, :]
-            kO += gl.load(KB + h * N + N2 + nb).to(f32)[None, :]
+        qE, qO = _biased_pairs(q_s.index(j), q_s.index(NBLK + j), QB, h, j, HAS_QB, N2, NB, ACC_B)
+        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
         if j < ROT_BLOCKS:
-            ns = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, SC))
-            sm = ns < S
-            om = gl.load(OMEGA + b * s_ob + ts[:, None] * s_ot + ns[None, :], mask=tsm[:, None] & sm[None, :],
-                         other=0.0).to(f32)
-            if ANGLE_DT:
-                om = om * gl.convert_layout(dt, gl.SliceLayout(1, SC))[:, None]
-            theta = gl.associative_scan(om, 0, _add) + gl.load(THETA_OFF + state * S + ns, mask=sm, other=0.0)[None, :]
-            theta = gl.convert_layout(theta, ACC_B)
+            theta = _block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C, ACC_B, SC)
             th_s.index(j).store(theta)  # read back by the same threads, in the same layout
             cos, sin = _cos_sin(theta)
-            qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
-            kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
+            qE, qO = _rotate(qE, qO, cos, sin)
+            kE, kO = _rotate(kE, kO, cos, sin)
         gl.thread_barrier()  # every warp has read the raw k tiles
         qr_s.index(j).store(qE.to(dtype))
         qr_s.index(NBLK + j).store(qO.to(dtype))
@@ -404,14 +329,10 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
         nb = j * NB + gl.arange(0, NB, layout=COL_B)
         # q again in fp32 for the elementwise terms (d angle, d cs): rounded to bf16 there, the angle-rate gradient
         # moved 2.7% from the Triton kernel's (first GPU run)
-        qE = q_s.index(j).load(ACC_B).to(f32)
-        qO = q_s.index(NBLK + j).load(ACC_B).to(f32)
-        if HAS_QB:
-            qE += gl.load(QB + h * N + nb).to(f32)[None, :]
-            qO += gl.load(QB + h * N + N2 + nb).to(f32)[None, :]
+        qE, qO = _biased_pairs(q_s.index(j), q_s.index(NBLK + j), QB, h, j, HAS_QB, N2, NB, ACC_B)
         if j < ROT_BLOCKS:
             cos, sin = _cos_sin(th_s.index(j).load(ACC_B))
-            qE, qO = qE * cos - qO * sin, qE * sin + qO * cos
+            qE, qO = _rotate(qE, qO, cos, sin)
         dyGE = warpgroup_mma(dy_s, g_s.index(j), zero, use_acc=False)  # (C, NB): rows of dy G^T
         dyGO = warpgroup_mma(dy_s, g_s.index(NBLK + j), zero, use_acc=False)
         dcs += ecs * (gl.sum(dyGE * qE, axis=1) + gl.sum(dyGO * qO, axis=1))  # inter part
