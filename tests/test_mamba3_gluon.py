@@ -52,19 +52,22 @@ def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
     return {"y": y.detach().float(), **grads}
 
 
-# Every kernel at every case in both group-sum modes with the default 32-pair column blocks, and 16-pair blocks on
-# the ragged case (the forward writes no dq / dk, so one mode is enough for it).
-GPU_PARAMS = [(w, case, gs, 32) for w in ("fwd", "dq", "dk", "dk+dx") for case in CASES
+# Every kernel at every case in both group-sum modes with the default 32-pair column blocks; on the ragged case also
+# 16-pair blocks and programs numbered heads first (the order the kernels take above 128 chunks, forced here at 16)
+# (the forward writes no dq / dk, so one mode is enough for it).
+KERNELS = ("fwd", "dq", "dk", "dk+dx")
+GPU_PARAMS = [(w, case, gs, 32, False) for w in KERNELS for case in CASES
               for gs in (("store",) if w == "fwd" else ("store", "atomic"))]
-GPU_PARAMS += [(w, "rope-half-ragged", "store", 16) for w in ("fwd", "dq", "dk", "dk+dx")]
+GPU_PARAMS += [(w, "rope-half-ragged", "store", 16, False) for w in KERNELS]
+GPU_PARAMS += [(w, "rope-half-ragged", "atomic" if w != "fwd" else "store", 32, True) for w in KERNELS]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("which,case,group_sum,col_block", GPU_PARAMS)
-def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_sum, col_block):
+@pytest.mark.parametrize("which,case,group_sum,col_block,heads_first", GPU_PARAMS)
+def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_sum, col_block, heads_first):
     """The Gluon forward kernels, dq or dk (dk+dx: with dx's local-state term in it, the dx kernel skipped) against
     the Triton kernels: the output and every input gradient."""
-    from hybrid.kernels.mamba3 import gluon_common, gluon_siso_bwd
+    from hybrid.kernels.mamba3 import gluon_common, gluon_siso_bwd, triton_siso
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are written for sm_90")
@@ -73,6 +76,8 @@ def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_
         pytest.skip("this Gluon kernel takes head sizes that are multiples of 64")
     monkeypatch.setattr(gluon_common, "COL_BLOCK", col_block)
     monkeypatch.setattr(gluon_siso_bwd, "DK_WITH_DX", which == "dk+dx")
+    if heads_first:
+        monkeypatch.setattr(triton_siso, "HEADS_FIRST_CHUNKS", 4)
     monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", group_sum)
     which = which.split("+")[0]
     angle_dt = kw.get("angle_dt", True)
