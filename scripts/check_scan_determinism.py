@@ -22,6 +22,10 @@ import torch
 
 # Bit-identical runs are asked of the deterministic mode (per-head dq / dk summed after the kernels, not by atomics).
 os.environ.setdefault("HYBRID_DETERMINISTIC", "1")
+# The configs checked here are the Triton kernels'; their Gluon versions (one config each) are checked against them,
+# run twice, by tests/test_mamba3_gluon.py.
+for _kernel in ("FWD", "DQ", "DK"):
+    os.environ.setdefault(f"HYBRID_SCAN_{_kernel}", "triton")
 sys.path.insert(0, "tests")
 from hybrid.kernels.mamba3 import triton_siso as fw  # noqa: E402
 from hybrid.kernels.mamba3 import triton_siso_bwd as bw  # noqa: E402
