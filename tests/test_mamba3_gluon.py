@@ -36,6 +36,23 @@ def test_gluon_selection_and_a_bad_value(monkeypatch, kernel):
         in_gluon(kernel, v, flags)
 
 
+def test_gluon_asked_for_under_another_triton_names_the_release(monkeypatch):
+    """``gluon`` under a Triton release the kernels were not written for fails with the reason; ``auto`` falls back."""
+    from hybrid.kernels.mamba3 import triton_siso
+    from hybrid.kernels.mamba3.triton_siso import in_gluon, kernel_flags
+
+    class FakeCuda:  # stands in for a CUDA tensor: in_gluon looks at is_cuda before anything else
+        is_cuda = True
+
+    flags = kernel_flags(64, 128, 64, 32, True)
+    monkeypatch.setattr(triton_siso.triton, "__version__", "9.9.0")
+    monkeypatch.setenv("HYBRID_SCAN_DK", "auto")
+    assert not in_gluon("dk", FakeCuda(), flags)
+    monkeypatch.setenv("HYBRID_SCAN_DK", "gluon")
+    with pytest.raises(RuntimeError, match="needs Triton 3.6.x"):
+        in_gluon("dk", FakeCuda(), flags)
+
+
 def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
     """Output and gradients with the ``which`` kernel (fwd, dq or dk) run as ``kernel`` (gluon or triton), the others
     as Triton's."""

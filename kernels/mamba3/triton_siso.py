@@ -655,8 +655,11 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
         raise ValueError(f"{name} must be auto, triton or gluon, got {mode!r}")
     if mode == "triton" or not v.is_cuda or flags["HAS_SEQ"]:
         return False
-    if mode == "auto" and not triton.__version__.startswith(GLUON_TRITON):
-        return False
+    if not triton.__version__.startswith(GLUON_TRITON):
+        if mode == "auto":
+            return False
+        raise RuntimeError(f"{name}=gluon needs Triton {GLUON_TRITON}x (the Gluon kernels follow its API, which later "
+                           f"releases changed); this is Triton {triton.__version__}. Use auto or triton.")
     from hybrid.kernels.mamba3 import gluon_common
 
     return gluon_common.applies(kernel, v, flags)
