@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 
 import triton
+from hybrid.kernels.mamba3 import gluon_common
+from hybrid.kernels.mamba3.gluon_common import launch_flags
+from hybrid.kernels.mamba3.triton_siso import kernel_flags
 from offline_sass_stats import sass_stats
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -60,13 +63,14 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides, NAME=int")
     ap.add_argument("--store", action="store_true")
     args = ap.parse_args()
+    gluon_common.COL_BLOCK = args.nb
     overrides = {k: int(v) for k, v in (kv.split("=") for kv in args.set)}
     table = kernels()
     for name in args.kernels.split(","):
         fn = table[name]
         names = {p.name for p in fn.params}
-        flags = dict(C=64, N2=64, NB=args.nb, P=64, ROT_BLOCKS=-(-32 // args.nb), HAS_QB=True, HAS_KB=True, HAS_D=True,
-                     ANGLE_DT=True, HEADS_FIRST=False, GROUP_SUM=not args.store, WITH_DX=False, num_warps=4)
+        flags = dict(launch_flags(kernel_flags(64, 128, 64, 32, True), 32), HAS_QB=True, HAS_KB=True, HAS_D=True,
+                     GROUP_SUM=not args.store, WITH_DX=False)
         flags = {k: v for k, v in {**flags, **overrides}.items() if k in names}
         compiled = compile_one(fn, flags, args.store, args.maxnreg)
         print(f"{name:9s} {sass_stats(compiled.asm['cubin'])} smem {compiled.metadata.shared}", flush=True)

@@ -36,6 +36,21 @@ def test_gluon_selection_and_a_bad_value(monkeypatch, kernel):
         in_gluon(kernel, v, flags)
 
 
+def test_gluon_launch_flags_count_blocks_at_the_gluon_width(monkeypatch):
+    from hybrid.kernels.mamba3 import gluon_common
+    from hybrid.kernels.mamba3.triton_siso import kernel_flags
+
+    flags = kernel_flags(64, 128, 64, 32, True)  # chunk 64, d_state 128, head 64, 32 of 64 pairs rotated
+    assert gluon_common.launch_flags(flags, 32) == dict(C=64, N2=64, NB=32, P=64, ROT_BLOCKS=1, ANGLE_DT=True,
+                                                        HEADS_FIRST=False, num_warps=4)
+    monkeypatch.setattr(gluon_common, "COL_BLOCK", 16)
+    assert gluon_common.launch_flags(flags, 32)["ROT_BLOCKS"] == 2
+    assert gluon_common.launch_flags(flags, 20)["ROT_BLOCKS"] == 2  # a partly rotated block counts
+    assert gluon_common.launch_flags(flags, 0)["ROT_BLOCKS"] == 0
+    narrow = kernel_flags(64, 32, 64, 16, False)  # 16 pairs: one block at most that wide
+    assert gluon_common.launch_flags(narrow, 16)["NB"] == 16 and gluon_common.launch_flags(narrow, 16)["ROT_BLOCKS"] == 1
+
+
 def test_gluon_asked_for_under_another_triton_names_the_release(monkeypatch):
     """``gluon`` under a Triton release the kernels were not written for fails with the reason; ``auto`` falls back."""
     from hybrid.kernels.mamba3 import triton_siso

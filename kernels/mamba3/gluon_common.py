@@ -164,3 +164,12 @@ def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
             and v.dtype == torch.bfloat16 and flags["C"] == 64 and head_ok
             and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)
+
+
+def launch_flags(flags: dict, n_angles: int) -> dict:
+    """The shape flags a Gluon chunk kernel takes, from the Triton kernels' (``triton_siso.kernel_flags``): its own
+    column block of ``COL_BLOCK`` pairs (at most N / 2), the rotated blocks counted at that width, four warps (one
+    warpgroup: every MMA has the chunk's 64 rows)."""
+    nb = min(COL_BLOCK, flags["N2"])
+    return dict(C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"], ROT_BLOCKS=-(-n_angles // nb),
+                ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], num_warps=4)

@@ -385,20 +385,13 @@ DK_WITH_DX = os.environ.get("HYBRID_SCAN_DK_DX", "0") == "1"
 def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool,
                       GROUP_SUM: bool) -> None:
     """Launches the query-side kernel on the Triton dq's grid with its arguments less SEQ and SEQ's stride."""
-    nb = min(gluon_common.COL_BLOCK, flags["N2"])
-    _chunk_scan_bwd_dq_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
-                                   ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB, HAS_D=HAS_D,
-                                   ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   num_warps=4)
+    _chunk_scan_bwd_dq_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                                   HAS_D=HAS_D, GROUP_SUM=GROUP_SUM)
 
 
 def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool,
                       WITH_DX: bool = False) -> None:
     """Launches the key-side kernel on the Triton dk's grid (``args`` as ``mamba3_siso_chunk_bwd`` builds them: the
-    Triton dk's less SEQ and SEQ's stride, plus dx and its row strides, which only WITH_DX uses); its own column
-    block of ``gluon_common.COL_BLOCK`` pairs (at most N / 2)."""
-    nb = min(gluon_common.COL_BLOCK, flags["N2"])
-    _chunk_scan_bwd_dk_gluon[grid](*args, C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"],
-                                   ROT_BLOCKS=-(-n_angles // nb), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
-                                   ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], GROUP_SUM=GROUP_SUM,
-                                   WITH_DX=WITH_DX, num_warps=4, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+    Triton dk's less SEQ and SEQ's stride, plus dx and its row strides, which only WITH_DX uses)."""
+    _chunk_scan_bwd_dk_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                                   GROUP_SUM=GROUP_SUM, WITH_DX=WITH_DX, **({"maxnreg": MAXNREG} if MAXNREG else {}))

@@ -706,13 +706,12 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     y = torch.empty(v.shape, device=dev, dtype=v.dtype)  # contiguous: dy arrives so (autograd, or .contiguous())
     strides = scan_strides(q, v, y, dt, om, seq)
     flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
-    fwd_gluon = in_gluon("fwd", v, flags)
-    if fwd_gluon:  # the same kernels written for Hopper (gluon_siso.py): no SEQ on plain sequences
-        from hybrid.kernels.mamba3 import gluon_siso
-    n_angles = S if omega is not None else 0
+    fwd_gluon = in_gluon("fwd", v, flags)  # the same kernels written for Hopper (gluon_siso.py; no SEQ)
     if fwd_gluon:
+        from hybrid.kernels.mamba3 import gluon_siso
+
         gluon_siso.chunk_state_fwd((nc, Bsz * H), k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
-                                   T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=n_angles,
+                                   T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=S,
                                    HAS_KB=k_bias is not None)
     else:
         _chunk_state_fwd_tuned[(nc, Bsz * H)](k, v, log_decay, dt, lam, om, kb, theta_off, seq, local, cs_last,
@@ -728,7 +727,7 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
 
     if fwd_gluon:
         gluon_siso.chunk_scan_fwd((nc, Bsz * H), q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt,
-                                  theta_off, g_in, y, T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=n_angles,
+                                  theta_off, g_in, y, T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=S,
                                   HAS_QB=q_bias is not None, HAS_KB=k_bias is not None, HAS_D=D is not None)
     else:
         _chunk_scan_fwd_tuned[(nc, Bsz * H)](q, k, v, log_decay, dt, lam, om, qb, kb, D if D is not None else dt,

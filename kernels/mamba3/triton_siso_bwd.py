@@ -457,13 +457,16 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    if in_gluon("dq", v, flags):  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
+    # The Gluon versions of dq / dk (gluon_siso_bwd.py; plain sequences: no SEQ) where they are on (in_gluon).
+    dq_gluon, dk_gluon = in_gluon("dq", v, flags), in_gluon("dk", v, flags)
+    if dq_gluon or dk_gluon:
         from hybrid.kernels.mamba3 import gluon_siso_bwd
-
+    n_angles = S if has_rot else 0
+    if dq_gluon:
         gluon_siso_bwd.chunk_scan_bwd_dq(
             (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"], ctx["g_in"], dy,
             dqh, dqb_part, dcs_part, dscale, dgamma, dtheta, dg_in, dx, dd_part, *common[:-1], *dx_strides, flags=flags,
-            n_angles=S if has_rot else 0, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum)
+            n_angles=n_angles, HAS_QB=has_qb, HAS_KB=has_kb, HAS_D=has_d, GROUP_SUM=group_sum)
     else:
         _chunk_scan_bwd_dq_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["D"], ctx["theta_off"],
                                                 seq, ctx["g_in"], dy,
@@ -476,18 +479,15 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dg_final = _to_eo(d_ssm.float()).contiguous()
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
-    dk_gluon = in_gluon("dk", v, flags)
-    if dk_gluon:
-        from hybrid.kernels.mamba3 import gluon_siso_bwd
     dx_in_dk = dk_gluon and gluon_siso_bwd.DK_WITH_DX  # the Gluon dk can add dx's local-state term itself
     if not dx_in_dk:
         _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
                                                 *dx_strides, HAS_KB=has_kb, **flags)
-    if dk_gluon:  # the same kernel written for Hopper (gluon_siso_bwd.py): no SEQ on plain sequences
+    if dk_gluon:
         gluon_siso_bwd.chunk_scan_bwd_dk(
             (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], dlocal, dcsl, dy, dcs_part,
             dscale, dtheta, dkh, dkb_part, da, dtheta_tot, dx, *common[:-1], *dx_strides, flags=flags,
-            n_angles=S if has_rot else 0, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, WITH_DX=dx_in_dk)
+            n_angles=n_angles, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, WITH_DX=dx_in_dk)
     else:
         _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
                                                 dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot,
