@@ -29,6 +29,13 @@ def _nvmma(shape, dtype):
 
 
 @gluon.constexpr_function
+def _acc_layout(n, num_warps):
+    """Registers of a warpgroup MMA's (64 rows, n) fp32 accumulator (and of the tiles combined with it elementwise):
+    four warps of 16 rows, instructions n columns wide."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.constexpr_function
 def _at_least_one(n):
     return max(n, 1)
 

@@ -13,6 +13,7 @@ import os
 
 from hybrid.kernels.mamba3 import gluon_common
 from hybrid.kernels.mamba3.gluon_common import (
+    _acc_layout,
     _biased_pairs,
     _block_angles,
     _coeffs,
@@ -42,7 +43,7 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
-    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
+    ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
     VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     LD_P: gl.constexpr = _tile_layout(P, num_warps)
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
@@ -101,9 +102,9 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
     f32: gl.constexpr = gl.float32
-    ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
-    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
-    ACC_P: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, P, 16])
+    ACC_C: gl.constexpr = _acc_layout(C, num_warps)
+    ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
+    ACC_P: gl.constexpr = _acc_layout(P, num_warps)
     ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
     COL_C: gl.constexpr = gl.SliceLayout(0, ACC_C)
     VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])

@@ -30,6 +30,7 @@ import os
 
 from hybrid.kernels.mamba3 import gluon_common
 from hybrid.kernels.mamba3.gluon_common import (
+    _acc_layout,
     _add,
     _at_least_one,
     _biased_pairs,
@@ -64,8 +65,8 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     dtype: gl.constexpr = X.dtype.element_ty
     f32: gl.constexpr = gl.float32
     # One warpgroup: every MMA is M = C rows (64) over four warps.
-    ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
-    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
+    ACC_C: gl.constexpr = _acc_layout(C, num_warps)
+    ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
     ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
     COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
@@ -122,8 +123,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
     qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
     if WITH_DX:  # dx's local-state term, sum_blocks k_rot dL^T, as a fourth product (the dx kernel then goes)
-        ACC_P: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                        instr_shape=[16, P, 16])
+        ACC_P: gl.constexpr = _acc_layout(P, num_warps)
         krot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
         kdl = gl.zeros([C, P], f32, ACC_P)
     ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
@@ -230,9 +230,9 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
     f32: gl.constexpr = gl.float32
-    ACC_C: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, C, 16])
-    ACC_B: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, NB, 16])
-    ACC_P: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, P, 16])
+    ACC_C: gl.constexpr = _acc_layout(C, num_warps)
+    ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
+    ACC_P: gl.constexpr = _acc_layout(P, num_warps)
     ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
     COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
     ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
