@@ -5,21 +5,23 @@
 #   bash scripts/ab_gluon.sh [variant ...]
 # Variants (each names what runs in Gluon; the rest runs in Triton): triton; gluon32 (dk); gluon16 / gluon16r168
 # (dk, 16-pair blocks, uncapped / at 168 registers); gluonqk (dq, dk); gluondx (dk with dx's local-state term, no
-# dx kernel); gluonfwd (the forward's two kernels, dk); gluonall (forward, dq, dk with dx). Default: triton gluon32
-# gluonqk gluonall. SHAPES, SKIP_TESTS=1 and TESTS_K (a pytest -k filter) narrow a call.
+# dx kernel); gluonfwd (chunk output, dq, dk); gluonall (chunk state, chunk output, dq, dk); gluonall0 (gluonall
+# with the outputs stored straight from the MMA layouts). Default: triton gluonqk gluonfwd gluonall. SHAPES,
+# SKIP_TESTS=1 and TESTS_K (a pytest -k filter) narrow a call.
 set -uo pipefail
 source "$(dirname "$0")/device_setup.sh" ab-gluon
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 420 python -m pytest -q -m gpu tests/test_mamba3_gluon.py -x ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -25 | tee "$out/tests.log"
+  timeout 420 python -m pytest -q -m gpu tests/test_mamba3_gluon.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -25 | tee "$out/tests.log"
 fi
 shapes=${SHAPES:-8x4096,2x16384}
 run() {  # tag, then VAR=value settings for this run
   local tag=$1
   shift
-  env HYBRID_SCAN_FWD=triton HYBRID_SCAN_DQ=triton HYBRID_SCAN_DK=triton HYBRID_SCAN_DK_DX=0 "$@" \
+  env HYBRID_SCAN_STATE=triton HYBRID_SCAN_FWD=triton HYBRID_SCAN_DQ=triton HYBRID_SCAN_DK=triton HYBRID_SCAN_DK_DX=0 "$@" \
     python scripts/ab_scan.py --tag "$tag" --shapes "$shapes" --out "$out/$tag.json" 2>&1 | grep -v -i warn
 }
-for variant in ${@:-triton gluon32 gluonqk gluonall}; do
+all="HYBRID_SCAN_STATE=gluon HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon"
+for variant in ${@:-triton gluonqk gluonfwd gluonall}; do
   case $variant in
     triton) run triton ;;
     gluon32) run gluon32 HYBRID_SCAN_DK=gluon ;;
@@ -27,7 +29,8 @@ for variant in ${@:-triton gluon32 gluonqk gluonall}; do
     gluon16r168) run gluon16r168 HYBRID_SCAN_DK=gluon HYBRID_SCAN_GLUON_NB=16 HYBRID_SCAN_DK_MAXNREG=168 ;;
     gluonqk) run gluonqk HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon ;;
     gluondx) run gluondx HYBRID_SCAN_DK=gluon HYBRID_SCAN_DK_DX=1 ;;
-    gluonfwd) run gluonfwd HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DK=gluon ;;
-    gluonall) run gluonall HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon HYBRID_SCAN_DK_DX=1 ;;
+    gluonfwd) run gluonfwd HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon ;;
+    gluonall) run gluonall $all ;;
+    gluonall0) run gluonall0 $all HYBRID_SCAN_GLUON_COALESCE=0 ;;
   esac
 done

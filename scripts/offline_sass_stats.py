@@ -195,9 +195,11 @@ def sass_stats(cubin: bytes) -> str:
     stack = re.search(r"STACK:(\d+)", usage)
     instr = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, flags=re.M))
     loads = collections.Counter(re.findall(r"LDG\.E(\.\d+)?", sass))
+    stores = collections.Counter(re.findall(r"STG\.E(\.\d+)?", sass))
     widths = " ".join(f"{(w or '.32')[1:]}b:{n}" for w, n in sorted(loads.items()))
+    st_widths = " ".join(f"{(w or '.32')[1:]}b:{n}" for w, n in sorted(stores.items()))
     return (f"regs {regs.group(1) if regs else '?'} stack {stack.group(1) if stack else '?'} instr {instr} "
-            f"LDL {sass.count('LDL')} STL {sass.count('STL')} LDG {widths}")
+            f"LDL {sass.count('LDL')} STL {sass.count('STL')} LDG {widths} STG {st_widths}")
 
 
 def main() -> None:

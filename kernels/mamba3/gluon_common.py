@@ -15,6 +15,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 # Pairs per column block of the Gluon kernels (the Triton kernels' COL_BLOCK is 32): HYBRID_SCAN_GLUON_NB for A/B runs.
 COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
+# Output tiles leave through a layout of 16-byte row vectors (1) or straight from the MMA's accumulator layout (0),
+# whose 4- and 8-byte pieces half-fill the 32-byte sectors: HYBRID_SCAN_GLUON_COALESCE for A/B runs.
+COALESCE = os.environ.get("HYBRID_SCAN_GLUON_COALESCE", "1") == "1"
 
 
 @gluon.jit
@@ -45,6 +48,30 @@ def _tile_layout(cols, num_warps):
     """Registers of a (rows, cols) 16-bit tile for loading: 16-byte vectors along a row, rows across lanes/warps."""
     per_row = min(cols // 8, 32)
     return gl.BlockedLayout([1, 8], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def _store_layout(cols, bits, num_warps):
+    """Registers of a (rows, cols) tile for storing: 16-byte vectors along a row, rows across lanes/warps."""
+    vec = min(128 // bits, cols)
+    per_row = min(cols // vec, 32)
+    return gl.BlockedLayout([1, vec], [32 // per_row, per_row], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _store_rows(base, row_stride, n_rows, tile, SRC: gl.constexpr, ROWS: gl.constexpr, COLS: gl.constexpr,
+                COALESCE: gl.constexpr, num_warps: gl.constexpr):
+    """tile (ROWS, COLS), held in layout SRC, to base[r * row_stride + col] for rows r < n_rows. Coalesced, it moves
+    through shared memory into 16-byte row vectors first (as Triton's coalescing pass does for its kernels)."""
+    if COALESCE:
+        L: gl.constexpr = _store_layout(COLS, tile.dtype.primitive_bitwidth, num_warps)
+        out = gl.convert_layout(tile, L)
+    else:
+        L: gl.constexpr = SRC
+        out = tile
+    r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, L))
+    col = gl.arange(0, COLS, layout=gl.SliceLayout(0, L))
+    gl.store(base + r[:, None] * row_stride + col[None, :], out, mask=(r < n_rows)[:, None])
 
 
 @gluon.constexpr_function
@@ -163,11 +190,11 @@ def _rotate(e, o, cos, sin):
 
 
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
-    """Whether a Gluon kernel (``fwd``: the forward's two chunk kernels; ``dq``, ``dk``) can run the launch: an sm_90
+    """Whether a Gluon kernel (``state``, ``fwd``: the forward's chunk kernels; ``dq``, ``dk``) can run the launch: an sm_90
     GPU, plain sequences, bf16 activations (the type tested; fp16 would need its own GPU run), a chunk of 64 (one
     warpgroup's MMA rows), a head size the MMAs take (products with the head size as their rows, dq's dG_in and the
     forward's chunk state, need a multiple of 64)."""
-    head_ok = flags["P"] % 64 == 0 if kernel in ("dq", "fwd") else flags["P"] % 16 == 0
+    head_ok = flags["P"] % 64 == 0 if kernel in ("dq", "fwd", "state") else flags["P"] % 16 == 0
     return (v.is_cuda and torch.cuda.get_device_capability(v.device) == (9, 0) and not flags["HAS_SEQ"]
             and v.dtype == torch.bfloat16 and flags["C"] == 64 and head_ok
             and 16 <= flags["P"] <= 256 and flags["N2"] >= 16)
@@ -179,4 +206,4 @@ def launch_flags(flags: dict, n_angles: int) -> dict:
     warpgroup: every MMA has the chunk's 64 rows)."""
     nb = min(COL_BLOCK, flags["N2"])
     return dict(C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"], ROT_BLOCKS=-(-n_angles // nb),
-                ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], num_warps=4)
+                ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], COALESCE=COALESCE, num_warps=4)

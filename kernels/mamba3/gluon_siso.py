@@ -24,6 +24,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _program,
     _rotate,
     _scan_layout,
+    _store_rows,
     _tile_layout,
 )
 from triton.experimental import gluon
@@ -38,7 +39,7 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
                            s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                            C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                            ROT_BLOCKS: gl.constexpr, HAS_KB: gl.constexpr, ANGLE_DT: gl.constexpr,
-                           HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr):
+                           HEADS_FIRST: gl.constexpr, COALESCE: gl.constexpr, num_warps: gl.constexpr):
     """Local state of chunk c as if it started from zero, x^T (k_rot * w_end) per column block, and cs_last."""
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -66,8 +67,7 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
     w_end = gl.convert_layout(gl.where(tvm, gl.exp(cs_last - cs) * scale, 0.0), gl.SliceLayout(1, ACC_B))
 
     kw_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
-    pr = gl.arange(0, P, layout=gl.SliceLayout(1, ACC_B))
-    local_rows = LOCAL + state * P * N + pr[:, None] * N
+    local = LOCAL + state * P * N
     zero = gl.zeros([P, NB], gl.float32, ACC_B)
     async_copy.wait_group(0)
     gl.thread_barrier()
@@ -81,11 +81,10 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
         kw_s.index(1).store((kO * w_end[:, None]).to(dtype))
         gl.thread_barrier()
         fence_async_shared()
-        nb = j * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, ACC_B))
         localE = warpgroup_mma(x_s.permute((1, 0)), kw_s.index(0), zero, use_acc=False)  # (P, NB)
-        gl.store(local_rows + nb[None, :], localE.to(LOCAL.dtype.element_ty))
         localO = warpgroup_mma(x_s.permute((1, 0)), kw_s.index(1), zero, use_acc=False)
-        gl.store(local_rows + N2 + nb[None, :], localO.to(LOCAL.dtype.element_ty))
+        _store_rows(local + j * NB, N, P, localE.to(LOCAL.dtype.element_ty), ACC_B, P, NB, COALESCE, num_warps)
+        _store_rows(local + N2 + j * NB, N, P, localO.to(LOCAL.dtype.element_ty), ACC_B, P, NB, COALESCE, num_warps)
         gl.thread_barrier()  # the next block overwrites kw_s
     gl.store(CS_LAST + state, cs_last)
 
@@ -96,7 +95,8 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
                           s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                           C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                           ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr, HAS_D: gl.constexpr,
-                          ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr):
+                          ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, COALESCE: gl.constexpr,
+                          num_warps: gl.constexpr):
     """Outputs of chunk c: y = (scores * w) x + e^{cs} q_rot G_in^T + D x."""
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
@@ -167,9 +167,8 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
     y += gl.exp(gl.convert_layout(cs, gl.SliceLayout(1, ACC_P)))[:, None] * inter
     if HAS_D:
         y += gl.load(D + h).to(f32) * x_s.load(ACC_P).to(f32)
-    ty = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, ACC_P))
-    py = gl.arange(0, P, layout=gl.SliceLayout(0, ACC_P))
-    gl.store(Y + b * s_yb + ty[:, None] * s_yt + h * s_xh + py[None, :], y.to(Y.dtype.element_ty), mask=(ty < T)[:, None])
+    _store_rows(Y + b * s_yb + c * C * s_yt + h * s_xh, s_yt, T - c * C, y.to(Y.dtype.element_ty), ACC_P, C, P,
+                COALESCE, num_warps)
 
 
 # The chunk-output kernel at 168 registers holds three programs an SM (64 KB of shared memory each) and spills

@@ -43,6 +43,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _program,
     _rotate,
     _scan_layout,
+    _store_rows,
     _tile_layout,
 )
 from triton.experimental import gluon
@@ -59,7 +60,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
-                             WITH_DX: gl.constexpr, num_warps: gl.constexpr):
+                             WITH_DX: gl.constexpr, COALESCE: gl.constexpr, num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
@@ -187,9 +188,10 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             gl.atomic_add(DKH + off, dkE, mask=tmask[:, None], sem="relaxed")
             gl.atomic_add(DKH + off + N2, dkO, mask=tmask[:, None], sem="relaxed")
         else:
-            off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
-            gl.store(DKH + off, dkE.to(DKH.dtype.element_ty), mask=tmask[:, None])
-            gl.store(DKH + off + N2, dkO.to(DKH.dtype.element_ty), mask=tmask[:, None])
+            dk_rows = DKH + ((b * T + c * C) * H + h) * N + j * NB
+            _store_rows(dk_rows, H * N, T - c * C, dkE.to(DKH.dtype.element_ty), ACC_B, C, NB, COALESCE, num_warps)
+            _store_rows(dk_rows + N2, H * N, T - c * C, dkO.to(DKH.dtype.element_ty), ACC_B, C, NB, COALESCE,
+                        num_warps)
         if HAS_KB:
             gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
             gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
@@ -221,7 +223,7 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr, HAS_D: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
-                             num_warps: gl.constexpr):
+                             COALESCE: gl.constexpr, num_warps: gl.constexpr):
     """Query side of chunk c (``_chunk_scan_bwd_dq``'s outputs): q and k are biased and rotated once into shared
     memory (k in place) as the operands of the scores and of the column loop's products; the column loop rotates q
     again in fp32 for its elementwise terms from the kept angles. The scores, the dx product and dG_in read their
@@ -321,8 +323,7 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     gl.thread_barrier()
     fence_async_shared()
 
-    pr = gl.arange(0, P, layout=ROW_B)
-    dg_rows = DG_IN + state * P * N + pr[:, None] * N
+    dg = DG_IN + state * P * N
     zero = gl.zeros([C, NB], f32, ACC_B)
     zero_p = gl.zeros([P, NB], f32, ACC_B)
     for j in gl.static_range(NBLK):
@@ -337,9 +338,9 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
         dyGO = warpgroup_mma(dy_s, g_s.index(NBLK + j), zero, use_acc=False)
         dcs += ecs * (gl.sum(dyGE * qE, axis=1) + gl.sum(dyGO * qO, axis=1))  # inter part
         dgE = warpgroup_mma(dye_s.permute((1, 0)), qr_s.index(j), zero_p, use_acc=False)  # (P, NB)
-        gl.store(dg_rows + nb[None, :], dgE.to(DG_IN.dtype.element_ty))
+        _store_rows(dg + j * NB, N, P, dgE.to(DG_IN.dtype.element_ty), ACC_B, P, NB, COALESCE, num_warps)
         dgO = warpgroup_mma(dye_s.permute((1, 0)), qr_s.index(NBLK + j), zero_p, use_acc=False)
-        gl.store(dg_rows + N2 + nb[None, :], dgO.to(DG_IN.dtype.element_ty))
+        _store_rows(dg + N2 + j * NB, N, P, dgO.to(DG_IN.dtype.element_ty), ACC_B, P, NB, COALESCE, num_warps)
         dqE = warpgroup_mma(a1_s, k_s.index(j), ecs[:, None] * dyGE)
         dqO = warpgroup_mma(a1_s, k_s.index(NBLK + j), ecs[:, None] * dyGO)
         if j < ROT_BLOCKS:
@@ -352,9 +353,10 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
             gl.atomic_add(DQH + off, dqE, mask=tmask[:, None], sem="relaxed")
             gl.atomic_add(DQH + off + N2, dqO, mask=tmask[:, None], sem="relaxed")
         else:
-            off = ((b * T + t[:, None]) * H + h) * N + nb[None, :]
-            gl.store(DQH + off, dqE.to(DQH.dtype.element_ty), mask=tmask[:, None])
-            gl.store(DQH + off + N2, dqO.to(DQH.dtype.element_ty), mask=tmask[:, None])
+            dq_rows = DQH + ((b * T + c * C) * H + h) * N + j * NB
+            _store_rows(dq_rows, H * N, T - c * C, dqE.to(DQH.dtype.element_ty), ACC_B, C, NB, COALESCE, num_warps)
+            _store_rows(dq_rows + N2, H * N, T - c * C, dqO.to(DQH.dtype.element_ty), ACC_B, C, NB, COALESCE,
+                        num_warps)
         if HAS_QB:
             gl.store(DQB_PART + state * N + nb, gl.sum(dqE, axis=0))
             gl.store(DQB_PART + state * N + N2 + nb, gl.sum(dqO, axis=0))
@@ -366,10 +368,8 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     jr_v = c * C + jr
     gl.store(DGAMMA + b * s_ab + jr_v * s_at + h * s_ah, dgamma, mask=jr_v < T)
     dx = warpgroup_mma(sw_s.permute((1, 0)), dy_s, gl.zeros([C, P], f32, ACC_P), use_acc=False)  # [key i]
-    tx = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, ACC_P))
-    px = gl.arange(0, P, layout=gl.SliceLayout(0, ACC_P))
-    gl.store(DX + b * (s_db8 * 8) + tx[:, None] * (s_dt8 * 8) + h * s_xh + px[None, :], dx.to(DX.dtype.element_ty),
-             mask=(tx < T)[:, None])
+    _store_rows(DX + b * (s_db8 * 8) + c * C * (s_dt8 * 8) + h * s_xh, s_dt8 * 8, T - c * C, dx.to(DX.dtype.element_ty),
+                ACC_P, C, P, COALESCE, num_warps)
     if HAS_D:
         gl.store(DD_PART + state, dd)
 

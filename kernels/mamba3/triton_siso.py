@@ -642,9 +642,10 @@ def scan_strides(q, v, y, dt, om, seq) -> tuple[int, ...]:
 
 
 def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
-    """Whether the forward's two chunk kernels (``fwd``, ``gluon_siso.py``) or the backward's query-side (``dq``) or
-    key-side (``dk``) kernel (``gluon_siso_bwd.py``) run as their Gluon versions (on an H100 at 8 x 4096 the Gluon dk
-    takes 0.86 ms where the Triton one takes 1.13). ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
+    """Whether the forward's chunk-state (``state``) or chunk-output (``fwd``) kernel (``gluon_siso.py``) or the
+    backward's query-side (``dq``) or key-side (``dk``) kernel (``gluon_siso_bwd.py``) runs as its Gluon version (on
+    an H100 at 8 x 4096 the Gluon dk takes 0.88 ms where the Triton one takes 1.13). ``HYBRID_SCAN_STATE`` /
+    ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
     ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, bf16 activations, chunk 64;
     ``gluon_common.applies``) under the Triton release it was written and tested against (``GLUON_TRITON``: Gluon's
     API still moves between releases); ``gluon`` takes it wherever it applies; ``triton`` never. Defaults in
@@ -666,9 +667,9 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
 
 
 # The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
-# (the forward's and dq's Gluon versions are not yet verified on a GPU: opt-in until they are).
+# (each on where its GPU equality tests pass and it beats its Triton kernel; docs/perf-notes.md).
 GLUON_TRITON = "3.6."
-GLUON_DEFAULT = {"fwd": "triton", "dq": "triton", "dk": "auto"}
+GLUON_DEFAULT = {"state": "triton", "fwd": "triton", "dq": "triton", "dk": "auto"}
 
 
 def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,
@@ -706,10 +707,11 @@ def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, 
     y = torch.empty(v.shape, device=dev, dtype=v.dtype)  # contiguous: dy arrives so (autograd, or .contiguous())
     strides = scan_strides(q, v, y, dt, om, seq)
     flags = kernel_flags(C, N, P, S, angle_dt, seq_idx is not None, nc)
-    fwd_gluon = in_gluon("fwd", v, flags)  # the same kernels written for Hopper (gluon_siso.py; no SEQ)
-    if fwd_gluon:
+    # the same kernels written for Hopper (gluon_siso.py; no SEQ)
+    state_gluon, fwd_gluon = in_gluon("state", v, flags), in_gluon("fwd", v, flags)
+    if state_gluon or fwd_gluon:
         from hybrid.kernels.mamba3 import gluon_siso
-
+    if state_gluon:
         gluon_siso.chunk_state_fwd((nc, Bsz * H), k, v, log_decay, dt, lam, om, kb, theta_off, local, cs_last,
                                    T, H, S, nc, H // G, *strides[:-1], flags=flags, n_angles=S,
                                    HAS_KB=k_bias is not None)
