@@ -4,9 +4,10 @@
 # (docs/perf-notes.md, eighteenth session). JSON and logs under ${OUT:-ab-gluon}/.
 #   bash scripts/ab_gluon.sh [variant ...]
 # Variants (each names what runs in Gluon; the rest runs in Triton): triton; gluon32 (dk); gluon16 / gluon16r168
-# (dk, 16-pair blocks, uncapped / at 168 registers); gluonqk (dq, dk); gluondx (dk with dx's local-state term, no
-# dx kernel); gluonfwd (chunk output, dq, dk); gluonall (chunk state, chunk output, dq, dk); gluonall0 (gluonall
-# with the outputs stored straight from the MMA layouts). Default: triton gluonqk gluonfwd gluonall. SHAPES,
+# (dk, 16-pair blocks, uncapped / at 168 registers); gluonqk (dq, dk); gluonfwd (chunk output, dq, dk; the
+# default); gluondx (gluonfwd and dx); gluonfwdr0 (gluonfwd, the chunk output kernel without its register cap);
+# gluonall (chunk state, chunk output, dq, dx, dk); gluonall0 (gluonall with the outputs stored straight from the
+# MMA layouts). Default: triton gluonfwd gluondx gluonall. SHAPES,
 # SKIP_TESTS=1 and TESTS_K (a pytest -k filter) narrow a call.
 set -uo pipefail
 source "$(dirname "$0")/device_setup.sh" ab-gluon
@@ -17,19 +18,21 @@ shapes=${SHAPES:-8x4096,2x16384}
 run() {  # tag, then VAR=value settings for this run
   local tag=$1
   shift
-  env HYBRID_SCAN_STATE=triton HYBRID_SCAN_FWD=triton HYBRID_SCAN_DQ=triton HYBRID_SCAN_DK=triton HYBRID_SCAN_DK_DX=0 "$@" \
+  env HYBRID_SCAN_STATE=triton HYBRID_SCAN_FWD=triton HYBRID_SCAN_DQ=triton HYBRID_SCAN_DX=triton HYBRID_SCAN_DK=triton "$@" \
     python scripts/ab_scan.py --tag "$tag" --shapes "$shapes" --out "$out/$tag.json" 2>&1 | grep -v -i warn
 }
-all="HYBRID_SCAN_STATE=gluon HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon"
-for variant in ${@:-triton gluonqk gluonfwd gluonall}; do
+fwd="HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon"
+all="$fwd HYBRID_SCAN_STATE=gluon HYBRID_SCAN_DX=gluon"
+for variant in ${@:-triton gluonfwd gluondx gluonall}; do
   case $variant in
     triton) run triton ;;
     gluon32) run gluon32 HYBRID_SCAN_DK=gluon ;;
     gluon16) run gluon16 HYBRID_SCAN_DK=gluon HYBRID_SCAN_GLUON_NB=16 ;;
     gluon16r168) run gluon16r168 HYBRID_SCAN_DK=gluon HYBRID_SCAN_GLUON_NB=16 HYBRID_SCAN_DK_MAXNREG=168 ;;
     gluonqk) run gluonqk HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon ;;
-    gluondx) run gluondx HYBRID_SCAN_DK=gluon HYBRID_SCAN_DK_DX=1 ;;
-    gluonfwd) run gluonfwd HYBRID_SCAN_FWD=gluon HYBRID_SCAN_DQ=gluon HYBRID_SCAN_DK=gluon ;;
+    gluonfwd) run gluonfwd $fwd ;;
+    gluondx) run gluondx $fwd HYBRID_SCAN_DX=gluon ;;
+    gluonfwdr0) run gluonfwdr0 $fwd HYBRID_SCAN_FWD_MAXNREG=0 ;;
     gluonall) run gluonall $all ;;
     gluonall0) run gluonall0 $all HYBRID_SCAN_GLUON_COALESCE=0 ;;
   esac

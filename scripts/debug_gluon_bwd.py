@@ -55,14 +55,14 @@ def compare_in_backward(B: int, T: int, H: int, mode: str, nb: int, rot: bool) -
     orig = m.chunk_scan_bwd_dk
     outs = {"DSCALE": 14, "DTHETA": 15, "DKH": 16, "DKB_PART": 17, "DA": 18, "DTHETA_TOT": 19}
 
-    def both(grid, *args, flags, n_angles, HAS_QB, HAS_KB, GROUP_SUM, WITH_DX=False):
+    def both(grid, *args, flags, n_angles, HAS_QB, HAS_KB, GROUP_SUM):
         saved = {n: args[i].clone() for n, i in outs.items()}
-        orig(grid, *args, flags=flags, n_angles=n_angles, HAS_QB=HAS_QB, HAS_KB=HAS_KB, GROUP_SUM=GROUP_SUM)  # no dx
+        orig(grid, *args, flags=flags, n_angles=n_angles, HAS_QB=HAS_QB, HAS_KB=HAS_KB, GROUP_SUM=GROUP_SUM)
         torch.cuda.synchronize()
         got = {n: args[i].clone() for n, i in outs.items()}
         for n, i in outs.items():
             args[i].copy_(saved[n])
-        targs = [*args[:10], args[4], *args[10:20], *args[21:39], 0]  # SEQ (unread) and its stride; no dx
+        targs = [*args[:10], args[4], *args[10:20], *args[20:38], 0]  # SEQ (unread) and its stride
         _chunk_scan_bwd_dk_tuned[grid](*targs, HAS_QB=HAS_QB, HAS_KB=HAS_KB, GROUP_SUM=GROUP_SUM, **flags)
         torch.cuda.synchronize()
         for n, i in outs.items():

@@ -2,8 +2,8 @@
 shared memory, SASS instructions and spill instructions (the Gluon counterpart of ``offline_sass_stats.py``; see its
 notes). Needs the device's Triton (3.6) first on the path:
 
-    PYTHONPATH=/tmp/t36 python scripts/offline_gluon_stats.py [--kernels fwd_state,fwd_scan,dq,dk] [--nb 32]
-        [--maxnreg 168] [--set WITH_DX=1 ...] [--store]
+    PYTHONPATH=/tmp/t36 python scripts/offline_gluon_stats.py [--kernels fwd_state,fwd_scan,dq,dx,dk] [--nb 32]
+        [--maxnreg 168] [--set COALESCE=0 ...] [--store]
 
 Arguments are typed as the benchmark's launch gives them (bf16 activations and states, 32 heads of 64, d_state 128,
 32 of 64 pairs rotated, chunk 64), integers divisible by 16 and aligned pointers specialised as Triton does.
@@ -32,7 +32,8 @@ def kernels():
     from hybrid.kernels.mamba3 import gluon_siso, gluon_siso_bwd
 
     return {"fwd_state": gluon_siso._chunk_state_fwd_gluon, "fwd_scan": gluon_siso._chunk_scan_fwd_gluon,
-            "dq": gluon_siso_bwd._chunk_scan_bwd_dq_gluon, "dk": gluon_siso_bwd._chunk_scan_bwd_dk_gluon}
+            "dq": gluon_siso_bwd._chunk_scan_bwd_dq_gluon, "dx": gluon_siso_bwd._chunk_scan_bwd_dx_gluon,
+            "dk": gluon_siso_bwd._chunk_scan_bwd_dk_gluon}
 
 
 def compile_one(fn, flags: dict, store: bool, maxnreg: int):
@@ -57,7 +58,7 @@ def compile_one(fn, flags: dict, store: bool, maxnreg: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kernels", default="fwd_state,fwd_scan,dq,dk")
+    ap.add_argument("--kernels", default="fwd_state,fwd_scan,dq,dx,dk")
     ap.add_argument("--nb", type=int, default=32)
     ap.add_argument("--maxnreg", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], help="constexpr overrides, NAME=int")
@@ -70,7 +71,7 @@ def main() -> None:
         fn = table[name]
         names = {p.name for p in fn.params}
         flags = dict(launch_flags(kernel_flags(64, 128, 64, 32, True), 32), HAS_QB=True, HAS_KB=True, HAS_D=True,
-                     GROUP_SUM=not args.store, WITH_DX=False)
+                     GROUP_SUM=not args.store)
         flags = {k: v for k, v in {**flags, **overrides}.items() if k in names}
         compiled = compile_one(fn, flags, args.store, args.maxnreg)
         print(f"{name:9s} {sass_stats(compiled.asm['cubin'])} smem {compiled.metadata.shared}", flush=True)

@@ -21,7 +21,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("kernel", ["state", "fwd", "dq", "dk"])
+@pytest.mark.parametrize("kernel", ["state", "fwd", "dq", "dx", "dk"])
 def test_gluon_selection_and_a_bad_value(monkeypatch, kernel):
     from hybrid.kernels.mamba3.triton_siso import in_gluon, kernel_flags
 
@@ -70,11 +70,11 @@ def test_gluon_asked_for_under_another_triton_names_the_release(monkeypatch):
 
 
 def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
-    """Output and gradients with the ``which`` kernel (state, fwd, dq or dk) run as ``kernel`` (gluon or triton), the
-    others as Triton's."""
+    """Output and gradients with the ``which`` kernel (state, fwd, dq, dx or dk) run as ``kernel`` (gluon or triton),
+    the others as Triton's."""
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
 
-    for name in ("state", "fwd", "dq", "dk"):
+    for name in ("state", "fwd", "dq", "dx", "dk"):
         monkeypatch.setenv(f"HYBRID_SCAN_{name.upper()}", kernel if name == which else "triton")
     leaves = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v).detach().clone().requires_grad_(True)
               for k, v in inp.items() if v is not None}
@@ -87,21 +87,21 @@ def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
 
 # Every kernel at every case in both group-sum modes with the default 32-pair column blocks; on the ragged case also
 # 16-pair blocks and programs numbered heads first (the order the kernels take above 128 chunks, forced here at 16)
-# (the forward writes no dq / dk, so one mode is enough for it).
-KERNELS = ("state", "fwd", "dq", "dk", "dk+dx")
-FORWARD = ("state", "fwd")
+# (the forward and dx write no dq / dk, so one mode is enough for them).
+KERNELS = ("state", "fwd", "dq", "dx", "dk")
+ONE_MODE = ("state", "fwd", "dx")
 GPU_PARAMS = [(w, case, gs, 32, False) for w in KERNELS for case in CASES
-              for gs in (("store",) if w in FORWARD else ("store", "atomic"))]
+              for gs in (("store",) if w in ONE_MODE else ("store", "atomic"))]
 GPU_PARAMS += [(w, "rope-half-ragged", "store", 16, False) for w in KERNELS]
-GPU_PARAMS += [(w, "rope-half-ragged", "store" if w in FORWARD else "atomic", 32, True) for w in KERNELS]
+GPU_PARAMS += [(w, "rope-half-ragged", "store" if w in ONE_MODE else "atomic", 32, True) for w in KERNELS]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("which,case,group_sum,col_block,heads_first", GPU_PARAMS)
 def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_sum, col_block, heads_first):
-    """The Gluon chunk-state or chunk-output kernel, dq or dk (dk+dx: with dx's local-state term in it, the dx kernel
-    skipped) against the Triton kernels: the output and every input gradient."""
-    from hybrid.kernels.mamba3 import gluon_common, gluon_siso_bwd, triton_siso
+    """The Gluon chunk-state, chunk-output, dq, dx or dk kernel against the Triton kernel: the output and every input
+    gradient."""
+    from hybrid.kernels.mamba3 import gluon_common, triton_siso
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernels are written for sm_90")
@@ -109,11 +109,9 @@ def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_
     if which in ("state", "fwd", "dq") and kw["P"] % 64:
         pytest.skip("this Gluon kernel takes head sizes that are multiples of 64")
     monkeypatch.setattr(gluon_common, "COL_BLOCK", col_block)
-    monkeypatch.setattr(gluon_siso_bwd, "DK_WITH_DX", which == "dk+dx")
     if heads_first:
         monkeypatch.setattr(triton_siso, "HEADS_FIRST_CHUNKS", 4)
     monkeypatch.setenv("HYBRID_SCAN_GROUP_SUM", group_sum)
-    which = which.split("+")[0]
     angle_dt = kw.get("angle_dt", True)
     inp, st = make(**kw, dtype=torch.float32, device="cuda")
     got = _grads(monkeypatch, inp, st, which, "gluon", angle_dt)

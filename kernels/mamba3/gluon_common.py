@@ -190,7 +190,7 @@ def _rotate(e, o, cos, sin):
 
 
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
-    """Whether a Gluon kernel (``state``, ``fwd``: the forward's chunk kernels; ``dq``, ``dk``) can run the launch: an sm_90
+    """Whether a Gluon kernel (``state``, ``fwd``: the forward's chunk kernels; ``dq``, ``dx``, ``dk``) can run: an sm_90
     GPU, plain sequences, bf16 activations (the type tested; fp16 would need its own GPU run), a chunk of 64 (one
     warpgroup's MMA rows), a head size the MMAs take (products with the head size as their rows, dq's dG_in and the
     forward's chunk state, need a multiple of 64)."""

@@ -1,5 +1,5 @@
-"""Gluon (Hopper) versions of the SISO scan's two big backward kernels, ``_chunk_scan_bwd_dk`` (key side) and
-``_chunk_scan_bwd_dq`` (query side), for plain sequences.
+"""Gluon (Hopper) versions of the SISO scan's backward chunk kernels, ``_chunk_scan_bwd_dk`` (key side),
+``_chunk_scan_bwd_dq`` (query side) and ``_chunk_scan_bwd_dx`` (dx's local-state term), for plain sequences.
 
 Same inputs, outputs and math as the Triton kernels in ``triton_siso_bwd.py`` (the formulas are there); those stay
 the reference, the CPU-tested path (Gluon has no interpreter) and the fallback for packed documents.
@@ -14,12 +14,12 @@ column loops; at 255 registers two programs share an SM and each waits ~7 cycles
 - every product is a warpgroup MMA reading shared memory, the MMA transposing its operands itself; products of
   register values (a1 / a1t, sw, dy e^{cs}, rotated q / k) are written there once: with an A operand in registers
   Triton 3.6's wgmma faulted;
-- dk: the local-state term e * (x dL) is the initial accumulator of a1t @ q_rot; optionally (WITH_DX) dx's local-state
-  term k_rot dL^T as a fourth product, so the dx kernel goes;
+- dk: the local-state term e * (x dL) is the initial accumulator of a1t @ q_rot (dx's local-state term k_rot dL^T as
+  a fourth product here cost what the dx kernel takes, plus a zeroing pass: it has its own kernel, below);
 - dq: q and k are rotated once (q into its own buffer: its elementwise terms use fp32 q, rotated again from the kept
   angles, since the angle-rate gradient is sensitive to q's bf16 rounding).
 
-On an H100 at 8 x 4096: dk 0.86 ms (Triton 1.13), dq 1.16 (Triton 1.48; measured before the fp32 fix). Both support
+On an H100 at 8 x 4096: dk 0.88 ms (Triton 1.13), dq 1.04 (Triton 1.49). They support
 what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by dt or not,
 heads numbered first or not, dq / dk summed over a group's heads by atomics or stored per head.
 """
@@ -54,13 +54,13 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 @gluon.jit
 def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOCAL, DCSL, DY,
-                             DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT, DX,
+                             DCS_PART, DSCALE, DTHETA, DKH, DKB_PART, DA, DTHETA_TOT,
                              T, H, S, nc, heads_per_group,
-                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_db8, s_dt8,
+                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot,
                              C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
                              ROT_BLOCKS: gl.constexpr, HAS_QB: gl.constexpr, HAS_KB: gl.constexpr,
                              ANGLE_DT: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_SUM: gl.constexpr,
-                             WITH_DX: gl.constexpr, COALESCE: gl.constexpr, num_warps: gl.constexpr):
+                             COALESCE: gl.constexpr, num_warps: gl.constexpr):
     NBLK: gl.constexpr = N2 // NB
     N: gl.constexpr = 2 * N2
     dtype: gl.constexpr = X.dtype.element_ty
@@ -123,10 +123,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     e_r = gl.convert_layout(to_end_w * scale, ROW_B)
     m_loc = gl.zeros([C], f32, ROW_B)  # d scale_i from the local state, over all channel blocks
     qrot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
-    if WITH_DX:  # dx's local-state term, sum_blocks k_rot dL^T, as a fourth product (the dx kernel then goes)
-        ACC_P: gl.constexpr = _acc_layout(P, num_warps)
-        krot_s = gl.allocate_shared_memory(dtype, [2, C, NB], _nvmma([C, NB], dtype))
-        kdl = gl.zeros([C, P], f32, ACC_P)
     ts = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, SC))
     tsm = ts < T
     async_copy.wait_group(0)
@@ -159,9 +155,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             kE, kO = kE * cos - kO * sin, kE * sin + kO * cos
         qrot_s.index(0).store(qE.to(dtype))
         qrot_s.index(1).store(qO.to(dtype))
-        if WITH_DX:
-            krot_s.index(0).store(kE.to(dtype))
-            krot_s.index(1).store(kO.to(dtype))
         gl.thread_barrier()
         fence_async_shared()
         zero = gl.zeros([C, NB], f32, ACC_B)
@@ -170,9 +163,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
         m_loc += (gl.sum(xdLE * kE, axis=1) + gl.sum(xdLO * kO, axis=1)) * tew_r
         dkE = warpgroup_mma(a1t, qrot_s.index(0), e_r[:, None] * xdLE)
         dkO = warpgroup_mma(a1t, qrot_s.index(1), e_r[:, None] * xdLO)
-        if WITH_DX:
-            kdl = warpgroup_mma(krot_s.index(0), dl_s.index(j).permute((1, 0)), kdl)
-            kdl = warpgroup_mma(krot_s.index(1), dl_s.index(NBLK + j).permute((1, 0)), kdl)
         if j < ROT_BLOCKS:
             dth = gl.convert_layout(kE * dkO - kO * dkE, SC)
             th_off = ((b * T + ts[:, None]) * H + h) * S + ns[None, :]
@@ -196,15 +186,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
             gl.store(DKB_PART + state * N + nb, gl.sum(dkE, axis=0))
             gl.store(DKB_PART + state * N + N2 + nb, gl.sum(dkO, axis=0))
         gl.thread_barrier()  # the next block overwrites qrot_s
-
-    if WITH_DX:  # dx_i += e_i k_i dL^T onto what dq stored there
-        tx = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, ACC_P))
-        px = gl.arange(0, P, layout=gl.SliceLayout(0, ACC_P))
-        dx_ptr = DX + b * (s_db8 * 8) + tx[:, None] * (s_dt8 * 8) + h * s_xh + px[None, :]
-        dx_mask = (tx < T)[:, None]
-        e_p = gl.convert_layout(to_end_w * scale, gl.SliceLayout(1, ACC_P))
-        dx = gl.load(dx_ptr, mask=dx_mask, other=0.0).to(f32) + e_p[:, None] * kdl
-        gl.store(dx_ptr, dx.to(DX.dtype.element_ty), mask=dx_mask)
 
     # d log-decay: reverse cumulative sum of everything d cs (plus d cs_last at the chunk's end); d scale's local part.
     m_v = gl.convert_layout(m_loc, VEC)
@@ -374,12 +355,69 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
         gl.store(DD_PART + state, dd)
 
 
+@gluon.jit
+def _chunk_scan_bwd_dx_gluon(K, A, DT, LAM, OMEGA, KB, THETA_OFF, DLOCAL, DX,
+                             T, H, S, nc, heads_per_group,
+                             s_kb, s_kt, s_kg, s_xb8, s_xt8, s_yb, s_yt, s_xh, s_ab, s_at, s_ah, s_ob, s_ot, s_db8, s_dt8,
+                             C: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, P: gl.constexpr,
+                             ROT_BLOCKS: gl.constexpr, HAS_KB: gl.constexpr, ANGLE_DT: gl.constexpr,
+                             HEADS_FIRST: gl.constexpr, COALESCE: gl.constexpr, num_warps: gl.constexpr):
+    """dx_i += e_i k_rot,i dL^T onto what dq stored (``_chunk_scan_bwd_dx``): k, dL and dx's rows go to shared memory
+    by cp.async at the start, k is biased and rotated in place, and the product is one MMA chain over the blocks."""
+    NBLK: gl.constexpr = N2 // NB
+    N: gl.constexpr = 2 * N2
+    dtype: gl.constexpr = DLOCAL.dtype.element_ty
+    ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
+    ACC_P: gl.constexpr = _acc_layout(P, num_warps)
+    VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    LD_P: gl.constexpr = _tile_layout(P, num_warps)
+    LD_B: gl.constexpr = _tile_layout(NB, num_warps)
+    SC: gl.constexpr = _scan_layout(NB, num_warps)
+
+    c, b, h, g, state = _program(H, heads_per_group, nc, HEADS_FIRST)
+
+    k_s = gl.allocate_shared_memory(dtype, [2 * NBLK, C, NB], _nvmma([C, NB], dtype))
+    dl_s = gl.allocate_shared_memory(dtype, [2 * NBLK, P, NB], _nvmma([P, NB], dtype))
+    dx_s = gl.allocate_shared_memory(dtype, [C, P], _nvmma([C, P], dtype))
+    tb = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LD_B))
+    nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
+    k_rows = K + b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
+    dl_rows = DLOCAL + state * P * N + gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))[:, None] * N + nbl[None, :]
+    for i in gl.static_range(2 * NBLK):
+        col = (i // NBLK) * N2 + (i % NBLK) * NB
+        async_copy.async_copy_global_to_shared(k_s.index(i), k_rows + col, mask=(tb < T)[:, None])
+        async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
+    _copy_rows(dx_s, DX, b, c, h, T, s_db8 * 8, s_dt8 * 8, s_xh, C, P, LD_P)
+    async_copy.commit_group()
+
+    # Local state: G_{c+1} gets sum_i e_i x_i k_i^T with e_i = e^{cs_last - cs_i} scale_i.
+    cs, scale, gamma, dt, tvm = _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C, VEC)
+    e = gl.where(tvm, gl.exp(gl.min(cs, axis=0) - cs) * scale, 0.0)
+
+    async_copy.wait_group(0)
+    gl.thread_barrier()
+    for j in gl.static_range(NBLK):
+        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
+        if j < ROT_BLOCKS:
+            cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
+                                              ACC_B, SC))
+            kE, kO = _rotate(kE, kO, cos, sin)
+        gl.thread_barrier()  # every warp has read the raw tiles
+        k_s.index(j).store(kE.to(dtype))
+        k_s.index(NBLK + j).store(kO.to(dtype))
+    gl.thread_barrier()
+    fence_async_shared()
+    kdl = gl.zeros([C, P], gl.float32, ACC_P)
+    for i in gl.static_range(2 * NBLK):
+        kdl = warpgroup_mma(k_s.index(i), dl_s.index(i).permute((1, 0)), kdl)  # k_rot dL^T, (C, P)
+    dx = dx_s.load(ACC_P).to(gl.float32) + gl.convert_layout(e, gl.SliceLayout(1, ACC_P))[:, None] * kdl
+    _store_rows(DX + b * (s_db8 * 8) + c * C * (s_dt8 * 8) + h * s_xh, s_dt8 * 8, T - c * C, dx.to(DX.dtype.element_ty),
+                ACC_P, C, P, COALESCE, num_warps)
+
+
 # A register cap for A/B runs (0: none). 16-pair blocks at 168 registers (three programs an SM) tied the uncapped
 # 32-pair blocks; 32-pair blocks at 168 spill and lose (docs/perf-notes.md, eighteenth session).
 MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
-# dx's local-state term inside dk (WITH_DX), so the dx kernel (0.34 ms at 8 x 4096) goes: offline 255 registers,
-# 12 / 12 spill instructions, 88 KB at 32-pair blocks. Not yet measured on a GPU: opt-in, HYBRID_SCAN_DK_DX=1.
-DK_WITH_DX = os.environ.get("HYBRID_SCAN_DK_DX", "0") == "1"
 
 
 def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool,
@@ -389,9 +427,12 @@ def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS
                                    HAS_D=HAS_D, GROUP_SUM=GROUP_SUM)
 
 
-def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool,
-                      WITH_DX: bool = False) -> None:
-    """Launches the key-side kernel on the Triton dk's grid (``args`` as ``mamba3_siso_chunk_bwd`` builds them: the
-    Triton dk's less SEQ and SEQ's stride, plus dx and its row strides, which only WITH_DX uses)."""
+def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool) -> None:
+    """Launches the key-side kernel on the Triton dk's grid with its arguments less SEQ and SEQ's stride."""
     _chunk_scan_bwd_dk_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
-                                   GROUP_SUM=GROUP_SUM, WITH_DX=WITH_DX, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+                                   GROUP_SUM=GROUP_SUM, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+
+
+def chunk_scan_bwd_dx(grid, *args, flags: dict, n_angles: int, HAS_KB: bool) -> None:
+    """Launches dx's local-state kernel on the Triton dx kernel's grid with its arguments less SEQ and SEQ's stride."""
+    _chunk_scan_bwd_dx_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_KB=HAS_KB)

@@ -643,9 +643,9 @@ def scan_strides(q, v, y, dt, om, seq) -> tuple[int, ...]:
 
 def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     """Whether the forward's chunk-state (``state``) or chunk-output (``fwd``) kernel (``gluon_siso.py``) or the
-    backward's query-side (``dq``) or key-side (``dk``) kernel (``gluon_siso_bwd.py``) runs as its Gluon version (on
-    an H100 at 8 x 4096 the Gluon dk takes 0.88 ms where the Triton one takes 1.13). ``HYBRID_SCAN_STATE`` /
-    ``HYBRID_SCAN_FWD`` / ``HYBRID_SCAN_DQ`` / ``HYBRID_SCAN_DK``:
+    backward's query-side (``dq``), dx local-state (``dx``) or key-side (``dk``) kernel (``gluon_siso_bwd.py``) runs
+    as its Gluon version (on an H100 at 8 x 4096 the Gluon dk takes 0.88 ms where the Triton one takes 1.13).
+    ``HYBRID_SCAN_STATE`` / ``_FWD`` / ``_DQ`` / ``_DX`` / ``_DK``:
     ``auto`` takes it where it applies (an sm_90 GPU, plain sequences, bf16 activations, chunk 64;
     ``gluon_common.applies``) under the Triton release it was written and tested against (``GLUON_TRITON``: Gluon's
     API still moves between releases); ``gluon`` takes it wherever it applies; ``triton`` never. Defaults in
@@ -669,7 +669,7 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
 # The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
 # (each on where its GPU equality tests pass and it beats its Triton kernel; docs/perf-notes.md).
 GLUON_TRITON = "3.6."
-GLUON_DEFAULT = {"state": "triton", "fwd": "auto", "dq": "auto", "dk": "auto"}
+GLUON_DEFAULT = {"state": "triton", "fwd": "auto", "dq": "auto", "dx": "triton", "dk": "auto"}
 
 
 def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,

@@ -457,9 +457,9 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
     dcs_part = torch.empty(Bsz, T, H, **f32)
     common = (T, H, S, nc, H // G, *strides)
     dg_in = torch.empty(Bsz, nc, H, P, N, device=dev, dtype=state_dtype(v.dtype))
-    # The Gluon versions of dq / dk (gluon_siso_bwd.py; plain sequences: no SEQ) where they are on (in_gluon).
-    dq_gluon, dk_gluon = in_gluon("dq", v, flags), in_gluon("dk", v, flags)
-    if dq_gluon or dk_gluon:
+    # The Gluon versions of dq / dx / dk (gluon_siso_bwd.py; plain sequences: no SEQ) where they are on (in_gluon).
+    dq_gluon, dx_gluon, dk_gluon = (in_gluon(name, v, flags) for name in ("dq", "dx", "dk"))
+    if dq_gluon or dx_gluon or dk_gluon:
         from hybrid.kernels.mamba3 import gluon_siso_bwd
     n_angles = S if has_rot else 0
     if dq_gluon:
@@ -479,15 +479,17 @@ def mamba3_siso_chunk_bwd(ctx: dict, dy: torch.Tensor, d_ssm: torch.Tensor | Non
         dg_final = _to_eo(d_ssm.float()).contiguous()
     dlocal, dcsl, dg0 = state_passing_bwd(dg_in, ctx["g_in"], ctx["cs_last"], dg_final)
 
-    dx_in_dk = dk_gluon and gluon_siso_bwd.DK_WITH_DX  # the Gluon dk can add dx's local-state term itself
-    if not dx_in_dk:
+    if dx_gluon:
+        gluon_siso_bwd.chunk_scan_bwd_dx((nc, Bsz * H), k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], dlocal, dx,
+                                         *common[:-1], *dx_strides, flags=flags, n_angles=n_angles, HAS_KB=has_kb)
+    else:
         _chunk_scan_bwd_dx_tuned[(nc, Bsz * H)](k, a, dt, lam, om, ctx["kb"], ctx["theta_off"], seq, dlocal, dx, *common,
                                                 *dx_strides, HAS_KB=has_kb, **flags)
     if dk_gluon:
         gluon_siso_bwd.chunk_scan_bwd_dk(
             (nc, Bsz * H), q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], dlocal, dcsl, dy, dcs_part,
-            dscale, dtheta, dkh, dkb_part, da, dtheta_tot, dx, *common[:-1], *dx_strides, flags=flags,
-            n_angles=n_angles, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum, WITH_DX=dx_in_dk)
+            dscale, dtheta, dkh, dkb_part, da, dtheta_tot, *common[:-1], flags=flags,
+            n_angles=n_angles, HAS_QB=has_qb, HAS_KB=has_kb, GROUP_SUM=group_sum)
     else:
         _chunk_scan_bwd_dk_tuned[(nc, Bsz * H)](q, k, v, a, dt, lam, om, ctx["qb"], ctx["kb"], ctx["theta_off"], seq,
                                                 dlocal, dcsl, dy, dcs_part, dscale, dtheta, dkh, dkb_part, da, dtheta_tot,
