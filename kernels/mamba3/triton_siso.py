@@ -669,7 +669,7 @@ def in_gluon(kernel: str, v: torch.Tensor, flags: dict) -> bool:
 # The Triton release (major.minor) the Gluon kernels were written and tested against, and each kernel's default
 # (each on where its GPU equality tests pass and it beats its Triton kernel; docs/perf-notes.md).
 GLUON_TRITON = "3.6."
-GLUON_DEFAULT = {"state": "triton", "fwd": "auto", "dq": "auto", "dx": "triton", "dk": "auto"}
+GLUON_DEFAULT = {"state": "triton", "fwd": "auto", "dq": "auto", "dx": "auto", "dk": "auto"}
 
 
 def chunk_forward(q, k, v, log_decay, dt, lam, omega, angle_dt, q_bias, k_bias, D, initial_state, chunk_size, seq_idx=None,
