@@ -189,6 +189,21 @@ def _rotate(e, o, cos, sin):
     return e * cos - o * sin, e * sin + o * cos
 
 
+@gluon.jit
+def _rotated_keys(K_S, KB, OMEGA, THETA_OFF, dt, b, c, h, j, state, T, S, s_ob, s_ot, HAS_KB: gl.constexpr,
+                  ROTATED: gl.constexpr, ANGLE_DT: gl.constexpr, N2: gl.constexpr, NB: gl.constexpr, C: gl.constexpr,
+                  LAYOUT: gl.constexpr, SC: gl.constexpr):
+    """Column block j's even / odd key tiles from K_S (blocks as ``_copy_chunk_blocks`` lays them out) plus the head's
+    bias, rotated by their angles where the block holds rotated pairs, in fp32 registers of ``LAYOUT``."""
+    NBLK: gl.constexpr = N2 // NB
+    e, o = _biased_pairs(K_S.index(j), K_S.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, LAYOUT)
+    if ROTATED:
+        cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
+                                          LAYOUT, SC))
+        e, o = _rotate(e, o, cos, sin)
+    return e, o
+
+
 def applies(kernel: str, v: torch.Tensor, flags: dict) -> bool:
     """Whether a Gluon kernel (``state``, ``fwd``: the forward's chunk kernels; ``dq``, ``dx``, ``dk``) can run: an sm_90
     GPU, plain sequences, bf16 activations (the type tested; fp16 would need its own GPU run), a chunk of 64 (one

@@ -23,6 +23,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _nvmma,
     _program,
     _rotate,
+    _rotated_keys,
     _scan_layout,
     _store_rows,
     _tile_layout,
@@ -72,11 +73,8 @@ def _chunk_state_fwd_gluon(K, X, A, DT, LAM, OMEGA, KB, THETA_OFF, LOCAL, CS_LAS
     async_copy.wait_group(0)
     gl.thread_barrier()
     for j in gl.static_range(NBLK):
-        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
-        if j < ROT_BLOCKS:
-            cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
-                                              ACC_B, SC))
-            kE, kO = _rotate(kE, kO, cos, sin)
+        kE, kO = _rotated_keys(k_s, KB, OMEGA, THETA_OFF, dt, b, c, h, j, state, T, S, s_ob, s_ot, HAS_KB,
+                               j < ROT_BLOCKS, ANGLE_DT, N2, NB, C, ACC_B, SC)
         kw_s.index(0).store((kE * w_end[:, None]).to(dtype))
         kw_s.index(1).store((kO * w_end[:, None]).to(dtype))
         gl.thread_barrier()

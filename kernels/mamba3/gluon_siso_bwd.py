@@ -19,7 +19,7 @@ column loops; at 255 registers two programs share an SM and each waits ~7 cycles
 - dq: q and k are rotated once (q into its own buffer: its elementwise terms use fp32 q, rotated again from the kept
   angles, since the angle-rate gradient is sensitive to q's bf16 rounding).
 
-On an H100 at 8 x 4096: dk 0.88 ms (Triton 1.13), dq 1.04 (Triton 1.49). They support
+On an H100 at 8 x 4096: dq 1.02 ms (Triton 1.49), dx 0.26 (0.34), dk 0.86 (1.13). They support
 what the launcher passes for plain sequences: any rotation extent (ROT_BLOCKS), biases, angles scaled by dt or not,
 heads numbered first or not, dq / dk summed over a group's heads by atomics or stored per head.
 """
@@ -42,6 +42,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _nvmma,
     _program,
     _rotate,
+    _rotated_keys,
     _scan_layout,
     _store_rows,
     _tile_layout,
@@ -383,7 +384,7 @@ def _chunk_scan_bwd_dx_gluon(K, A, DT, LAM, OMEGA, KB, THETA_OFF, DLOCAL, DX,
     nbl = gl.arange(0, NB, layout=gl.SliceLayout(0, LD_B))
     k_rows = K + b * s_kb + g * s_kg + tb[:, None] * s_kt + nbl[None, :]
     dl_rows = DLOCAL + state * P * N + gl.arange(0, P, layout=gl.SliceLayout(1, LD_B))[:, None] * N + nbl[None, :]
-    for i in gl.static_range(2 * NBLK):
+    for i in gl.static_range(2 * NBLK):  # a block's k and dL issued together, as in _copy_chunk_blocks
         col = (i // NBLK) * N2 + (i % NBLK) * NB
         async_copy.async_copy_global_to_shared(k_s.index(i), k_rows + col, mask=(tb < T)[:, None])
         async_copy.async_copy_global_to_shared(dl_s.index(i), dl_rows + col)
@@ -397,11 +398,8 @@ def _chunk_scan_bwd_dx_gluon(K, A, DT, LAM, OMEGA, KB, THETA_OFF, DLOCAL, DX,
     async_copy.wait_group(0)
     gl.thread_barrier()
     for j in gl.static_range(NBLK):
-        kE, kO = _biased_pairs(k_s.index(j), k_s.index(NBLK + j), KB, h, j, HAS_KB, N2, NB, ACC_B)
-        if j < ROT_BLOCKS:
-            cos, sin = _cos_sin(_block_angles(OMEGA, THETA_OFF, dt, b, c, state, T, S, s_ob, s_ot, j, ANGLE_DT, NB, C,
-                                              ACC_B, SC))
-            kE, kO = _rotate(kE, kO, cos, sin)
+        kE, kO = _rotated_keys(k_s, KB, OMEGA, THETA_OFF, dt, b, c, h, j, state, T, S, s_ob, s_ot, HAS_KB,
+                               j < ROT_BLOCKS, ANGLE_DT, N2, NB, C, ACC_B, SC)
         gl.thread_barrier()  # every warp has read the raw tiles
         k_s.index(j).store(kE.to(dtype))
         k_s.index(NBLK + j).store(kO.to(dtype))
