@@ -7,7 +7,7 @@
 # (dk, 16-pair blocks, uncapped / at 168 registers); gluonqk (dq, dk); gluonfwd (chunk output, dq, dk; the
 # default); gluondx (gluonfwd and dx); gluonfwdr0 (gluonfwd, the chunk output kernel without its register cap);
 # gluonall (chunk state, chunk output, dq, dx, dk); gluonall0 (gluonall with the outputs stored straight from the
-# MMA layouts). Default: triton gluonfwd gluondx gluonall. SHAPES,
+# MMA layouts); gluondirect (gluondx relaunched by DirectLaunch). Default: triton gluonfwd gluondx gluonall. SHAPES,
 # SKIP_TESTS=1 and TESTS_K (a pytest -k filter) narrow a call.
 set -uo pipefail
 source "$(dirname "$0")/device_setup.sh" ab-gluon
@@ -35,5 +35,6 @@ for variant in ${@:-triton gluonfwd gluondx gluonall}; do
     gluonfwdr0) run gluonfwdr0 $fwd HYBRID_SCAN_FWD_MAXNREG=0 ;;
     gluonall) run gluonall $all ;;
     gluonall0) run gluonall0 $all HYBRID_SCAN_GLUON_COALESCE=0 ;;
+    gluondirect) run gluondirect $fwd HYBRID_SCAN_DX=gluon HYBRID_GLUON_DIRECT=1 ;;
   esac
 done

@@ -123,3 +123,8 @@ def test_gpu_gluon_kernel_matches_triton_kernel(monkeypatch, which, case, group_
     if group_sum == "store":  # no atomics: the same bits every run
         again = _grads(monkeypatch, inp, st, which, "gluon", angle_dt)
         assert all(torch.equal(got[n], again[n]) for n in got)
+        # and when relaunched by DirectLaunch (the first call compiles through the JIT, the second skips it)
+        monkeypatch.setattr(gluon_common, "DIRECT", True)
+        for _ in range(2):
+            direct_run = _grads(monkeypatch, inp, st, which, "gluon", angle_dt)
+            assert all(torch.equal(got[n], direct_run[n]) for n in got)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import torch
+from hybrid.kernels.launch import direct
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.extra import libdevice
@@ -18,6 +19,10 @@ COL_BLOCK = int(os.environ.get("HYBRID_SCAN_GLUON_NB", "32"))
 # Output tiles leave through a layout of 16-byte row vectors (1) or straight from the MMA's accumulator layout (0),
 # whose 4- and 8-byte pieces half-fill the 32-byte sectors: HYBRID_SCAN_GLUON_COALESCE for A/B runs.
 COALESCE = os.environ.get("HYBRID_SCAN_GLUON_COALESCE", "1") == "1"
+# Relaunch the Gluon kernels through DirectLaunch (kernels/launch.py), skipping the JIT's ~100 us of host time a call
+# as the Triton kernels do: a GluonJITFunction is a JITFunction with the same launcher, but no GPU run has checked
+# it yet, so opt-in (HYBRID_GLUON_DIRECT=1) until the equality tests' relaunch check and an A/B have run.
+DIRECT = os.environ.get("HYBRID_GLUON_DIRECT", "0") == "1"
 
 
 @gluon.jit
@@ -222,3 +227,8 @@ def launch_flags(flags: dict, n_angles: int) -> dict:
     nb = min(COL_BLOCK, flags["N2"])
     return dict(C=flags["C"], N2=flags["N2"], NB=nb, P=flags["P"], ROT_BLOCKS=-(-n_angles // nb),
                 ANGLE_DT=flags["ANGLE_DT"], HEADS_FIRST=flags["HEADS_FIRST"], COALESCE=COALESCE, num_warps=4)
+
+
+def launcher(kernel):
+    """The Gluon kernel to index with a grid: its ``DirectLaunch`` where ``DIRECT`` is on, else the kernel."""
+    return direct(kernel) if DIRECT else kernel

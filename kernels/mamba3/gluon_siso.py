@@ -176,10 +176,12 @@ SCAN_MAXNREG = int(os.environ.get("HYBRID_SCAN_FWD_MAXNREG", "168"))
 
 def chunk_state_fwd(grid, *args, flags: dict, n_angles: int, HAS_KB: bool) -> None:
     """Launches the chunk-state kernel on the Triton kernel's grid with its arguments less SEQ and SEQ's stride."""
-    _chunk_state_fwd_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_KB=HAS_KB)
+    kernel = gluon_common.launcher(_chunk_state_fwd_gluon)
+    kernel[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_KB=HAS_KB)
 
 
 def chunk_scan_fwd(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool) -> None:
     """Launches the chunk-output kernel on the Triton kernel's grid with its arguments less SEQ and SEQ's stride."""
-    _chunk_scan_fwd_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
-                                HAS_D=HAS_D, **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG else {}))
+    kernel = gluon_common.launcher(_chunk_scan_fwd_gluon)
+    kernel[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                 HAS_D=HAS_D, **({"maxnreg": SCAN_MAXNREG} if SCAN_MAXNREG else {}))

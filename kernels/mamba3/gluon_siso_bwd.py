@@ -421,16 +421,19 @@ MAXNREG = int(os.environ.get("HYBRID_SCAN_DK_MAXNREG", "0"))
 def chunk_scan_bwd_dq(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, HAS_D: bool,
                       GROUP_SUM: bool) -> None:
     """Launches the query-side kernel on the Triton dq's grid with its arguments less SEQ and SEQ's stride."""
-    _chunk_scan_bwd_dq_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
-                                   HAS_D=HAS_D, GROUP_SUM=GROUP_SUM)
+    kernel = gluon_common.launcher(_chunk_scan_bwd_dq_gluon)
+    kernel[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                 HAS_D=HAS_D, GROUP_SUM=GROUP_SUM)
 
 
 def chunk_scan_bwd_dk(grid, *args, flags: dict, n_angles: int, HAS_QB: bool, HAS_KB: bool, GROUP_SUM: bool) -> None:
     """Launches the key-side kernel on the Triton dk's grid with its arguments less SEQ and SEQ's stride."""
-    _chunk_scan_bwd_dk_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
-                                   GROUP_SUM=GROUP_SUM, **({"maxnreg": MAXNREG} if MAXNREG else {}))
+    kernel = gluon_common.launcher(_chunk_scan_bwd_dk_gluon)
+    kernel[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_QB=HAS_QB, HAS_KB=HAS_KB,
+                 GROUP_SUM=GROUP_SUM, **({"maxnreg": MAXNREG} if MAXNREG else {}))
 
 
 def chunk_scan_bwd_dx(grid, *args, flags: dict, n_angles: int, HAS_KB: bool) -> None:
     """Launches dx's local-state kernel on the Triton dx kernel's grid with its arguments less SEQ and SEQ's stride."""
-    _chunk_scan_bwd_dx_gluon[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_KB=HAS_KB)
+    kernel = gluon_common.launcher(_chunk_scan_bwd_dx_gluon)
+    kernel[grid](*args, **gluon_common.launch_flags(flags, n_angles), HAS_KB=HAS_KB)
