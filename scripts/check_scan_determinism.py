@@ -22,14 +22,15 @@ import torch
 
 # Bit-identical runs are asked of the deterministic mode (per-head dq / dk summed after the kernels, not by atomics).
 os.environ.setdefault("HYBRID_DETERMINISTIC", "1")
-# The configs checked here are the Triton kernels'; their Gluon versions (one config each) are checked against them,
-# run twice, by tests/test_mamba3_gluon.py.
-for _kernel in ("FWD", "DQ", "DK"):
-    os.environ.setdefault(f"HYBRID_SCAN_{_kernel}", "triton")
 sys.path.insert(0, "tests")
 from hybrid.kernels.mamba3 import triton_siso as fw  # noqa: E402
 from hybrid.kernels.mamba3 import triton_siso_bwd as bw  # noqa: E402
 from test_mamba3_triton import make  # noqa: E402
+
+# The configs checked here are the Triton kernels'; their Gluon versions (one config each) are checked against them,
+# run twice, by tests/test_mamba3_gluon.py. The switches are read at each launch.
+for _kernel in fw.GLUON_DEFAULT:
+    os.environ.setdefault(f"HYBRID_SCAN_{_kernel.upper()}", "triton")
 
 CONFIGS = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
 

@@ -73,8 +73,9 @@ def _grads(monkeypatch, inp, st, which: str, kernel: str, angle_dt: bool):
     """Output and gradients with the ``which`` kernel (state, fwd, dq, dx or dk) run as ``kernel`` (gluon or triton),
     the others as Triton's."""
     from hybrid.kernels.mamba3.siso import mamba3_siso_chunk
+    from hybrid.kernels.mamba3.triton_siso import GLUON_DEFAULT
 
-    for name in ("state", "fwd", "dq", "dx", "dk"):
+    for name in GLUON_DEFAULT:
         monkeypatch.setenv(f"HYBRID_SCAN_{name.upper()}", kernel if name == which else "triton")
     leaves = {k: (v.to(torch.bfloat16) if k in ("q", "k", "v") else v).detach().clone().requires_grad_(True)
               for k, v in inp.items() if v is not None}

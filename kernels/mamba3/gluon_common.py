@@ -130,6 +130,32 @@ def _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C: gl.constexpr, VEC: gl.c
 
 
 @gluon.jit
+def _chunk_weights(cs, scale, gamma, C: gl.constexpr, LAYOUT: gl.constexpr, KEYS_IN_ROWS: gl.constexpr):
+    """The chunk's (C, C) intra-chunk weights in ``LAYOUT``, w[query j, key i] = e^{cs_j - cs_i} scale_i below the
+    diagonal (j > i), gamma_i on it, 0 above (with KEYS_IN_ROWS its transpose, [key i, query j]); and the decay
+    e^{cs_j - cs_i} alone, 0 off the strict lower triangle (as ``triton_siso._chunk_scores`` weighs the scores)."""
+    ROW: gl.constexpr = gl.SliceLayout(1, LAYOUT)
+    COL: gl.constexpr = gl.SliceLayout(0, LAYOUT)
+    if KEYS_IN_ROWS:
+        query = gl.arange(0, C, layout=COL)[None, :]
+        key = gl.arange(0, C, layout=ROW)[:, None]
+        cs_q = gl.convert_layout(cs, COL)[None, :]
+        cs_k = gl.convert_layout(cs, ROW)[:, None]
+        scale_k = gl.convert_layout(scale, ROW)[:, None]
+        gamma_k = gl.convert_layout(gamma, ROW)[:, None]
+    else:
+        query = gl.arange(0, C, layout=ROW)[:, None]
+        key = gl.arange(0, C, layout=COL)[None, :]
+        cs_q = gl.convert_layout(cs, ROW)[:, None]
+        cs_k = gl.convert_layout(cs, COL)[None, :]
+        scale_k = gl.convert_layout(scale, COL)[None, :]
+        gamma_k = gl.convert_layout(gamma, COL)[None, :]
+    below = query > key
+    decay = gl.where(below, gl.exp(gl.where(below, cs_q - cs_k, 0.0)), 0.0)
+    return decay * scale_k + gl.where(query == key, gamma_k, 0.0), decay
+
+
+@gluon.jit
 def _copy_rows(DST, PTR, b, c, h, T, s_b, s_t, s_h, C: gl.constexpr, P: gl.constexpr, LAYOUT: gl.constexpr):
     """cp.async of a chunk's (C, P) rows of one head, PTR + b s_b + t s_t + h s_h + p, into DST (zeros past T)."""
     t = c * C + gl.arange(0, C, layout=gl.SliceLayout(1, LAYOUT))

@@ -16,6 +16,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _acc_layout,
     _biased_pairs,
     _block_angles,
+    _chunk_weights,
     _coeffs,
     _copy_chunk_blocks,
     _copy_rows,
@@ -103,8 +104,6 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
     ACC_C: gl.constexpr = _acc_layout(C, num_warps)
     ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
     ACC_P: gl.constexpr = _acc_layout(P, num_warps)
-    ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
-    COL_C: gl.constexpr = gl.SliceLayout(0, ACC_C)
     VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     LD_P: gl.constexpr = _tile_layout(P, num_warps)
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
@@ -123,12 +122,7 @@ def _chunk_scan_fwd_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G_IN
 
     # (C, C) weights [query j, key i] while the copies fly
     cs, scale, gamma, dt, tvm = _coeffs(A, DT, LAM, b, h, c, T, s_ab, s_at, s_ah, C, VEC)
-    jr = gl.arange(0, C, layout=ROW_C)
-    ic = gl.arange(0, C, layout=COL_C)
-    below = jr[:, None] > ic[None, :]
-    decay = gl.exp(gl.where(below, gl.convert_layout(cs, ROW_C)[:, None] - gl.convert_layout(cs, COL_C)[None, :], 0.0))
-    w = gl.where(below, decay * gl.convert_layout(scale, COL_C)[None, :],
-                 gl.where(jr[:, None] == ic[None, :], gl.convert_layout(gamma, COL_C)[None, :], 0.0))
+    w, _ = _chunk_weights(cs, scale, gamma, C, ACC_C, False)
 
     # q and k biased and rotated once, in place: they are only MMA operands here (rounded to bf16, as the Triton
     # kernel rounds them before its products)

@@ -35,6 +35,7 @@ from hybrid.kernels.mamba3.gluon_common import (
     _at_least_one,
     _biased_pairs,
     _block_angles,
+    _chunk_weights,
     _coeffs,
     _copy_chunk_blocks,
     _copy_rows,
@@ -71,8 +72,6 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     ACC_B: gl.constexpr = _acc_layout(NB, num_warps)
     ROW_B: gl.constexpr = gl.SliceLayout(1, ACC_B)
     COL_B: gl.constexpr = gl.SliceLayout(0, ACC_B)
-    ROW_C: gl.constexpr = gl.SliceLayout(1, ACC_C)
-    COL_C: gl.constexpr = gl.SliceLayout(0, ACC_C)
     VEC: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
     LD_P: gl.constexpr = _tile_layout(P, num_warps)
     LD_B: gl.constexpr = _tile_layout(NB, num_warps)
@@ -99,15 +98,7 @@ def _chunk_scan_bwd_dk_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, THETA_OFF, DLOC
     cs_last = gl.min(cs, axis=0)
     to_end_w = gl.where(tvm, gl.exp(cs_last - cs), 0.0)
 
-    # w^T [key i, query j]: e^{cs_j - cs_i} scale_i below the diagonal (j > i), gamma_i on it.
-    cs_i = gl.convert_layout(cs, ROW_C)
-    cs_j = gl.convert_layout(cs, COL_C)
-    ii = gl.arange(0, C, layout=ROW_C)
-    jj = gl.arange(0, C, layout=COL_C)
-    above = ii[:, None] < jj[None, :]
-    w_t = gl.where(above, gl.exp(gl.where(above, cs_j[None, :] - cs_i[:, None], 0.0)), 0.0)
-    w_t = w_t * gl.convert_layout(scale, ROW_C)[:, None]
-    w_t = w_t + gl.where(ii[:, None] == jj[None, :], gl.convert_layout(gamma, ROW_C)[:, None], 0.0)
+    w_t, _ = _chunk_weights(cs, scale, gamma, C, ACC_C, True)  # [key i, query j]
 
     async_copy.wait_group(1)
     gl.thread_barrier()
@@ -249,9 +240,7 @@ def _chunk_scan_bwd_dq_gluon(Q, K, X, A, DT, LAM, OMEGA, QB, KB, D, THETA_OFF, G
     ic = gl.arange(0, C, layout=COL_C)
     below = jr[:, None] > ic[None, :]
     diag = jr[:, None] == ic[None, :]
-    decay = gl.where(below, gl.exp(gl.where(below, gl.convert_layout(cs, ROW_C)[:, None] -
-                                            gl.convert_layout(cs, COL_C)[None, :], 0.0)), 0.0)
-    w = decay * gl.convert_layout(scale, COL_C)[None, :] + gl.where(diag, gl.convert_layout(gamma, COL_C)[None, :], 0.0)
+    w, decay = _chunk_weights(cs, scale, gamma, C, ACC_C, False)
 
     async_copy.wait_group(1)
     gl.thread_barrier()
